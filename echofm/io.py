@@ -117,12 +117,13 @@ def save_mp4(video, path, fps=None, crf=18, codec='libx264') -> Path:
         c.mux(s.encode())
     return Path(path)
 
-# %% ../nbs/02_io.ipynb #ff335180
+# %% ../nbs/02_io.ipynb #81fdbac8
 PHOTOMETRICS = ('MONOCHROME2', 'RGB', 'YBR_FULL', 'YBR_FULL_422')
 
 def to_grey(frames) -> np.ndarray:
-    "RGB (...,3) uint8 -> grey (...) uint8 with the BT.601 luma weights."
-    return np.round(frames @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)
+    "RGB (...,3) uint8 -> grey (...) uint8 with the BT.601 luma weights 0.299, 0.587, 0.114 (integer maths, little memory)."
+    f = np.asarray(frames).astype(np.uint32, copy=False)
+    return ((299 * f[..., 0] + 587 * f[..., 1] + 114 * f[..., 2] + 500) // 1000).astype(np.uint8)
 
 def _jpeg_bytes(frame, photometric, quality):
     "One frame -> baseline JPEG bytes whose samples match `photometric` (PS3.5 8.2.1)."
@@ -135,7 +136,7 @@ def _jpeg_bytes(frame, photometric, quality):
 def _native_bytes(pix, photometric):
     "Uncompressed pixel bytes for (T,H,W) grey or (T,H,W,3) RGB frames."
     if photometric in ('MONOCHROME2', 'RGB'): return pix.tobytes()
-    ybr = convert_color_space(pix, 'RGB', 'YBR_FULL')
+    ybr = convert_color_space(pix.copy(), 'RGB', 'YBR_FULL', per_frame=True)   # per_frame works in place: copy
     if photometric == 'YBR_FULL': return ybr.transpose(0, 3, 1, 2).tobytes()   # colour-by-plane (US Image module)
     y, cb, cr = ybr[..., 0], ybr[..., 1].astype(np.uint16), ybr[..., 2].astype(np.uint16)
     half = lambda c: ((c[..., 0::2] + c[..., 1::2] + 1) // 2).astype(np.uint8)  # average each horizontal pair
@@ -247,7 +248,7 @@ def decode_waveform(item:Dataset) -> np.ndarray:
                   + float(ch.get('ChannelBaseline', 0) or 0)
     return x
 
-# %% ../nbs/02_io.ipynb #d2f16e11
+# %% ../nbs/02_io.ipynb #e7be51f0
 def dicom_fps(ds:Dataset) -> float|None:
     "Frames per second from Frame Time (ms), Frame Time Vector, Cine Rate or Recommended Display Frame Rate."
     if float(ds.get('FrameTime', 0) or 0) > 0: return 1000. / float(ds.FrameTime)
@@ -262,7 +263,8 @@ def dicom_spacing(ds:Dataset) -> tuple|None:
     regions = [r for r in ds.get('SequenceOfUltrasoundRegions', []) if r.get('RegionSpatialFormat') == 1
                and r.get('PhysicalUnitsXDirection') == 3 and r.get('PhysicalUnitsYDirection') == 3]
     if regions:
-        area = lambda r: (r.RegionLocationMaxX1 - r.RegionLocationMinX0) * (r.RegionLocationMaxY1 - r.RegionLocationMinY0)
+        area = lambda r: ((r.get('RegionLocationMaxX1', 0) - r.get('RegionLocationMinX0', 0))
+                          * (r.get('RegionLocationMaxY1', 0) - r.get('RegionLocationMinY0', 0)))
         r = max(regions, key=area)
         return (abs(float(r.PhysicalDeltaY)) * 10, abs(float(r.PhysicalDeltaX)) * 10)
     if ds.get('PixelSpacing'): return tuple(float(s) for s in ds.PixelSpacing)
@@ -276,7 +278,7 @@ def dicom_ecg(ds:Dataset):
         return decode_waveform(item)[:, j], float(item.SamplingFrequency)
     return None, None
 
-# %% ../nbs/02_io.ipynb #62dfe25f
+# %% ../nbs/02_io.ipynb #3a7e0d25
 _JPEG_SYNTAXES = (UID.JPEGBaseline8Bit, UID.JPEGExtended12Bit)
 
 def _dicom_video_stream(ds, path, n) -> np.ndarray:
@@ -299,7 +301,7 @@ def _dicom_pixels(ds, path) -> np.ndarray:
     except NotImplementedError: ok = False
     if not ok: raise EchoDataError(path, f"unsupported transfer syntax {ts.name} ({ts}): no decoder for it is installed")
     a = pixel_array(ds, raw=True).reshape(n, ds.Rows, ds.Columns, -1)   # raw: no colour conversion by pydicom
-    if pi in ('YBR_FULL', 'YBR_FULL_422'): a = convert_color_space(a, 'YBR_FULL', 'RGB')  # 4:2:2 was already upsampled
+    if pi in ('YBR_FULL', 'YBR_FULL_422'): a = convert_color_space(a, 'YBR_FULL', 'RGB', per_frame=True)  # 4:2:2 was already upsampled
     elif pi == 'PALETTE COLOR': a = apply_color_lut(a[..., 0], ds)
     elif pi not in ('MONOCHROME1', 'MONOCHROME2', 'RGB', 'YBR_ICT', 'YBR_RCT'):
         raise EchoDataError(path, f"unsupported Photometric Interpretation {pi}")
@@ -325,7 +327,7 @@ def load_dicom(path) -> EchoVideo:
                 photometric=str(ds.PhotometricInterpretation), sop_class=str(ds.get('SOPClassUID', '')))
     return EchoVideo(frames, fps=dicom_fps(ds), spacing=dicom_spacing(ds), ecg=ecg, ecg_fs=fs, meta=meta)
 
-# %% ../nbs/02_io.ipynb #38bea10e
+# %% ../nbs/02_io.ipynb #e988c0c6
 _MET_TYPES = {'MET_UCHAR': 'u1', 'MET_CHAR': 'i1', 'MET_USHORT': 'u2', 'MET_SHORT': 'i2', 'MET_UINT': 'u4',
               'MET_INT': 'i4', 'MET_ULONG': 'u8', 'MET_LONG': 'i8', 'MET_FLOAT': 'f4', 'MET_DOUBLE': 'f8'}
 
@@ -335,8 +337,8 @@ def read_mhd(path) -> tuple[np.ndarray, dict]:
     while 'ElementDataFile' not in hdr:
         end = raw.find(b'\n', off)
         if end < 0: raise EchoDataError(path, "not a MetaImage header (no ElementDataFile line)")
-        k, _, v = raw[off:end].decode('latin-1').partition('=')
-        if _: hdr[k.strip()] = v.strip()
+        k, sep, v = raw[off:end].decode('latin-1').partition('=')
+        if sep: hdr[k.strip()] = v.strip()
         off = end + 1
     dims, kind = [int(d) for d in hdr['DimSize'].split()], hdr.get('ElementType')
     if kind not in _MET_TYPES: raise EchoDataError(path, f"unsupported ElementType {kind}")
@@ -354,7 +356,7 @@ def read_mhd(path) -> tuple[np.ndarray, dict]:
     shape = dims[::-1] + ([nch] if nch > 1 else [])
     return np.frombuffer(data, dt, count=need // dt.itemsize).reshape(shape), hdr
 
-# %% ../nbs/02_io.ipynb #b2a8297e
+# %% ../nbs/02_io.ipynb #0f05f678
 _CAMUS = re.compile(r'patient(\d+)_(\dCH)_(half_sequence|sequence|ED|ES)', re.I)
 
 def _image_u8(a, path, meta):
@@ -430,7 +432,7 @@ def load_mhd(path) -> EchoVideo:
     a, spacing, _ = _mhd_thw(path)
     return _volume_video(path, a, spacing, path.suffix.lower()[1:], _mhd_thw, path.suffix)
 
-# %% ../nbs/02_io.ipynb #b30f96ba
+# %% ../nbs/02_io.ipynb #2df8071a
 READERS = {'.avi': load_av, '.mp4': load_av, '.mov': load_av, '.m4v': load_av, '.npz': load_npz, '.npy': load_npz,
            '.dcm': load_dicom, '.dicom': load_dicom, '.nii': load_nifti, '.nii.gz': load_nifti, '.mhd': load_mhd, '.mha': load_mhd}
 VIDEO_EXTS = tuple(READERS)
@@ -461,7 +463,7 @@ def load_video(path) -> EchoVideo:
     if len(v) == 0: raise EchoDataError(path, "the video has zero frames")
     return v
 
-# %% ../nbs/02_io.ipynb #6fc78520
+# %% ../nbs/02_io.ipynb #23bfd015
 def _is_label(p:Path, ext:str) -> bool:
     stem = p.name[:-len(ext)]
     return stem.endswith('_gt') and p.with_name(stem[:-3] + ext).exists()
