@@ -42,7 +42,7 @@ def as_frames(a, path='<array>') -> np.ndarray:
     elif lo < 0 or hi > 255: raise EchoDataError(path, f"pixel values span [{lo}, {hi}], outside [0, 255]")
     return np.round(a).astype(np.uint8)
 
-# %% ../nbs/02_io.ipynb #16060524
+# %% ../nbs/02_io.ipynb #f34444a6
 NPZ_FIELDS = ('fps', 'spacing', 'ecg', 'ecg_fs', 'masks', 'r_peaks', 'ed', 'es', 'ef')
 
 def _json_default(o):
@@ -60,6 +60,7 @@ def save_npz(video:EchoVideo, path) -> Path:
     if video.labels: d['labels'] = np.array(json.dumps(video.labels, default=_json_default))
     meta = {k: v for k, v in video.meta.items() if k not in ('path', 'format')}
     if meta: d['meta'] = np.array(json.dumps(meta, default=_json_default))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'wb') as f: np.savez_compressed(f, **d)   # a file object: numpy adds no '.npz'
     return Path(path)
 
@@ -84,7 +85,7 @@ def load_npz(path) -> EchoVideo:
         stored = json.loads(str(z['meta']), object_hook=_json_hook) if 'meta' in keys else {}
         return EchoVideo(as_frames(z['frames'], path), meta={**stored, **meta}, labels=labels, **kw)
 
-# %% ../nbs/02_io.ipynb #6310fa8c
+# %% ../nbs/02_io.ipynb #d67f5012
 def load_av(path) -> EchoVideo:
     "Decode a video file (AVI/MP4/MOV/M4V) with PyAV; fps from the stream's average rate."
     path = Path(path)
@@ -109,6 +110,7 @@ def save_mp4(video, path, fps=None, crf=18, codec='libx264') -> Path:
     f = _frames(video)
     f = np.pad(f, ((0, 0), (0, f.shape[1] % 2), (0, f.shape[2] % 2), (0, 0)), mode='edge')
     fps = fps or getattr(video, 'fps', None) or 30.
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), 'w') as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = f.shape[2], f.shape[1], 'yuv420p'
@@ -142,7 +144,7 @@ def _native_bytes(pix, photometric):
     half = lambda c: ((c[..., 0::2] + c[..., 1::2] + 1) // 2).astype(np.uint8)  # average each horizontal pair
     return np.stack([y[..., 0::2], y[..., 1::2], half(cb), half(cr)], -1).tobytes()  # Y1 Y2 Cb Cr (PS3.3 C.7.6.3.1.2)
 
-# %% ../nbs/02_io.ipynb #88970a44
+# %% ../nbs/02_io.ipynb #df4c25ab
 def _ds(x): return DSfloat(x, auto_format=True)           # DS strings hold at most 16 characters
 
 def _code(value, scheme, meaning):
@@ -208,6 +210,7 @@ def save_dicom(video:EchoVideo, path, photometric='MONOCHROME2', jpeg=False, qua
         ds.CineRate = ds.RecommendedDisplayFrameRate = int(round(video.fps))
     if getattr(video, 'spacing', None) is not None: ds.SequenceOfUltrasoundRegions = [_region((H, W), video.spacing)]
     if getattr(video, 'ecg', None) is not None and video.ecg_fs: ds.WaveformSequence = [_waveform(video.ecg, video.ecg_fs)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return Path(path)
 
