@@ -8,7 +8,8 @@ import torch, torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['METRICS', 'self_similarity', 'pair_dist', 'triplet_masks', 'toy_periodic', 'sample_triplets', 'triplet_loss']
+__all__ = ['METRICS', 'self_similarity', 'pair_dist', 'triplet_masks', 'toy_periodic', 'show_triplets', 'sample_triplets',
+           'triplet_loss']
 
 # %% ../nbs/10_similarity.ipynb #9363308d
 METRICS = ('l2', 'cosine')
@@ -50,7 +51,20 @@ def toy_periodic(B:int=1, T:int=24, period:float=8., D:int=16, noise:float=0.05,
     z[..., 0], z[..., 1] = phase.cos(), phase.sin()
     return z + noise * torch.randn(B, T, D, generator=generator)
 
-# %% ../nbs/10_similarity.ipynb #e1900e25
+# %% ../nbs/10_similarity.ipynb #cb121781
+def show_triplets(S:Tensor, pos:Tensor, neg:Tensor, a:int, ax=None, title:str=''):
+    "Plot S (T,T) with the positives (green dots) and negatives (red crosses) of anchor row `a` marked."
+    import matplotlib.pyplot as plt
+    ax = ax or plt.gca()
+    S, pos, neg = S.detach().cpu(), pos.cpu(), neg.cpu()
+    ax.imshow(S, cmap='viridis'); ax.axhline(a, color='w', lw=.5)
+    jp, jn = pos[a].nonzero().flatten(), neg[a].nonzero().flatten()
+    ax.scatter(jp, [a]*len(jp), c='lime', edgecolors='k', linewidths=.4, marker='o', s=16, label='positive')
+    ax.scatter(jn, [a]*len(jn), c='red', marker='x', s=16, label='negative')
+    ax.set_title(title, fontsize=9); ax.set_xlabel('$t_j$'); ax.set_ylabel('$t_i$')
+    return ax
+
+# %% ../nbs/10_similarity.ipynb #69c9bd53
 def _rand(shape, generator, device):
     if generator is None: return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
@@ -68,7 +82,7 @@ def sample_triplets(S:Tensor, pos:Tensor, neg:Tensor, mode:str='random', generat
     else: raise ValueError(f"mode must be 'random' or 'hard', got {mode!r}")
     return p_idx, n_idx, valid
 
-# %% ../nbs/10_similarity.ipynb #1bfd4bef
+# %% ../nbs/10_similarity.ipynb #31cdea45
 def triplet_loss(z:Tensor, pos:Tensor, neg:Tensor, margin:float=0.5, mode:str='random', generator=None,
                  metric:str='l2', S:Tensor|None=None) -> tuple[Tensor, dict]:
     "Hinge triplet loss (Eq. 3) over slice embeddings `z` (B,T,D), one sampled triplet per valid anchor; (loss, stats)."
