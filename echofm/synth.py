@@ -112,8 +112,8 @@ def rad_map(x, c, across, along, deg, s, w):
     f = R/np.maximum(r, 1e-9)
     return c + (p*f*across)[..., None]*n + (q*f*along)[..., None]*u
 
-# %% ../nbs/01_synth.ipynb #fdad2b71
-ECHO = dict(blood=0.035, tissue=0.26, myo=0.5, peri=0.95, wall=0.6, valve=0.75)
+# %% ../nbs/01_synth.ipynb #8e453a0b
+ECHO = dict(blood=0.035, tissue=0.24, myo=0.44, peri=0.95, wall=0.6, valve=0.75)
 
 def _leaf(H, closed, opened, length, valve, th=1.3, echo=ECHO['valve'], open_max=1.):
     "A valve leaflet hinged at `H`, pointing along `closed` when shut and `opened` when open (vectors)."
@@ -157,10 +157,10 @@ def view_anatomy(view:str, h:dict) -> dict:
     out = dict(shapes=shapes, terms=terms, leaflets=[], jet=None)
     if view == 'A4C':
         B, hw, u, n = _ventricle((-14, 38), -12, 40, 15, 64, 4, 4, 'rv', shapes, terms, label=False, w0=5.)
-        _atrium(B + 17*u, 16*la, 16*la, -12, 'ra', shapes, terms)
+        _atrium(B + 17*u + [3., 0.], 18*la, 17*la, -12, 'ra', shapes, terms)
         out['leaflets'] += _inflow_leaflets(B, hw, u, n)
         B, hw, u, n = _ventricle((4, 24), 12, 47, 22*lb, 80, tw, tw, 'lv', shapes, terms)
-        _atrium(B + 19*la*u, 20*la, 19*la, 12, 'la', shapes, terms, label=3)
+        _atrium(B + 19*la*u - [1., 0.], 21*la, 19*la, 12, 'la', shapes, terms, label=3)
         out['leaflets'] += _inflow_leaflets(B, hw, u, n)
         out.update(jet=(B - 0.6*hw*n, _deg(-u + 0.25*n)), lv=(u, B), box=(B - 15*u, 16., 34.))
     elif view == 'A2C':
@@ -309,7 +309,7 @@ def _rgb_doppler(vr, turb):
     rgb = np.stack([np.where(va > 0, hi, 0.), np.clip(1.4*m - 0.7, 0, 1) + 0.6*turb, np.where(va < 0, hi, 0.)], -1)
     return np.clip(rgb, 0, 1), (m > 0.12) | (turb > 0.25)
 
-# %% ../nbs/01_synth.ipynb #8f4a0adb
+# %% ../nbs/01_synth.ipynb #ce5b6615
 def _to_canonical(x, h):
     "Undo the per-heart pose (scale, rotation about (0,75) mm, shift): pixel mm -> anatomy mm."
     pivot = np.array([0., 75.]); th = np.radians(h['rot'])
@@ -332,6 +332,7 @@ def synth_echo(seed:int=0, view:str='A4C', n_frames:int=64, fps:float=50., hr:fl
     "A phantom B-mode echo clip of `view` with a synchronised ECG, CAMUS masks, ED/ES/R-peak frames, EF and labels."
     if view not in VIEWS: raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     if not (0 <= as_grade <= 4 and 0 <= ar_grade <= 4): raise ValueError("as_grade and ar_grade must be in 0..4")
+    if psax_level not in ('mid', 'av'): raise ValueError(f"psax_level must be 'mid' or 'av', got {psax_level!r}")
     rng = np.random.default_rng(seed)
     c = rng.uniform(0.35, 1.0) if contractility is None else float(contractility)
     h = dict(wall=rng.uniform(0.85, 1.15)*(1 + 0.07*as_grade), lvb=rng.uniform(0.9, 1.1)*(1 + 0.04*ar_grade),
