@@ -434,7 +434,7 @@ def _add_doppler(rgb, M, E, xc, anat, sc, sl, rate, tau, rr, ts, ar_grade, fan, 
     out[on] = (col[on]*255).astype(np.uint8)
     return out
 
-# %% ../nbs/01_synth.ipynb #85ee47f4
+# %% ../nbs/01_synth.ipynb #cb10e577
 SAMPLES = {  # file name -> (synth_echo arguments, writer)
     'a2c.npz':           (dict(seed=1, view='A2C'), 'npz'),
     'a4c.npz':           (dict(seed=2, view='A4C'), 'npz'),
@@ -454,10 +454,24 @@ def write_clip(video:EchoVideo, path, fmt:str='npz') -> Path:
     if fmt == 'dicom': save_dicom(video, path, jpeg=True); return path
     raise ValueError(f"fmt must be npz, mp4 or dicom, got {fmt!r}")
 
+def _fixed_uids(path, key:str):
+    "Replace the random UIDs of a written DICOM by UIDs derived from `key`, so the file is byte-reproducible."
+    import pydicom
+    from pydicom.uid import generate_uid
+    ds = pydicom.dcmread(path)
+    for name in ('StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID'):
+        if name in ds: setattr(ds, name, generate_uid(entropy_srcs=['echofm.synth', key, name]))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
+
 def make_samples(dest=None) -> list:
-    "Regenerate the phantom clips of `data_samples/` (deterministic)."
-    dest = Path(dest or data_samples())
-    return [write_clip(synth_echo(**kw), dest/name, fmt) for name, (kw, fmt) in SAMPLES.items()]
+    "Regenerate the phantom clips of `data_samples/`, byte for byte."
+    dest, out = Path(dest or data_samples()), []
+    for name, (kw, fmt) in SAMPLES.items():
+        p = write_clip(synth_echo(**kw), dest/name, fmt)
+        out.append(_fixed_uids(p, name) if fmt == 'dicom' else p)
+    return out
 
 @call_parse
 def synth_cli(out:str='phantoms',  # folder to write the clips into
