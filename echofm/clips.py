@@ -78,13 +78,14 @@ def sample_clip(video:EchoVideo, n_frames:int=32, size:int=224, *, period:float|
     return clip, dict(indices=idx, stride=stride, period=period, padded=bool(idx[-1] <= idx[0] or np.any(np.diff(idx) != stride)),
                       cycles=None if not period else (n_frames - 1) * stride / period)
 
-# %% ../nbs/04_clips.ipynb #e14affda
+# %% ../nbs/04_clips.ipynb #05c2a187
 class EchoFolder(Dataset):
     "Clips (3, n_frames, size, size) from every video under `root`; bad files skipped, counted and reported."
     def __init__(self, root, n_frames:int=32, size:int=224, skip_bad:bool=True, seed:int|None=None,
                  max_tries:int=20, recursive:bool=True, **clip_kw):
         self.root, self.n_frames, self.size, self.skip_bad, self.seed, self.max_tries = root, n_frames, size, skip_bad, seed, max_tries
         self.files, self.clip_kw, self.bad, self._bad = list(find_videos(root, recursive=recursive)), clip_kw, [], set()
+        self.periods = {}                                       # file index -> cycle length (frames), computed once
         if not self.files: raise EchoDataError(root, "no video files found")
     def __len__(self): return len(self.files)
     @property
@@ -93,7 +94,12 @@ class EchoFolder(Dataset):
         return np.random.default_rng(int(torch.randint(2**62, ()))) if self.seed is None else np.random.default_rng([self.seed, i])
     def load(self, i:int, rng=None) -> torch.Tensor:
         "The clip of file `i` (raises `EchoDataError` on a bad file)."
-        return sample_clip(load_video(self.files[i]), self.n_frames, self.size, rng=rng, **self.clip_kw)
+        v, kw = load_video(self.files[i]), dict(self.clip_kw)
+        cache = kw.get('stride') is None and kw.get('period') is None
+        if cache: kw['period'] = self.periods.get(i) or clip_stride(v, self.n_frames, None, kw.get('cycles', 1.), kw.get('short', 'reverse'))[1]
+        clip = sample_clip(v, self.n_frames, self.size, rng=rng, **kw)
+        if cache: self.periods[i] = kw['period']
+        return clip
     def __getitem__(self, i:int) -> torch.Tensor:
         rng = self._rng(i)
         for _ in range(self.max_tries):
@@ -107,7 +113,7 @@ class EchoFolder(Dataset):
             i = int(rng.integers(len(self.files)))              # draw another file
         raise EchoDataError(self.root, f"no readable video after {self.max_tries} tries ({self.n_bad} bad files)")
 
-# %% ../nbs/04_clips.ipynb #0150b947
+# %% ../nbs/04_clips.ipynb #8aa47618
 class PhantomClips(Dataset):
     "`n` phantom clips (3, n_frames, size, size), deterministic per (seed, index); random view, HR, fps, rhythm."
     def __init__(self, n:int, n_frames:int=32, size:int=224, seed:int=0, views=VIEWS, hr=(50., 110.),
