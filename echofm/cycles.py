@@ -42,11 +42,12 @@ def _peaks(x:np.ndarray, fs:float, pad:float=0.5, min_height:float=0.5) -> np.nd
     h = x[pk] - np.median(x)                                # a P or T wave of a beat cut off by an end is small
     return pk[h >= min_height * np.percentile(h, 90)]
 
-# %% ../nbs/03_cycles.ipynb #470ac028
+# %% ../nbs/03_cycles.ipynb #c234004d
 def detect_r_peaks(ecg:np.ndarray, fs:float, path='<ecg>', min_beats:int=2,
                    min_corr:float=0.85, min_prominence:float=4.5) -> np.ndarray:
     "Sample indices of the R-peaks of `ecg` (sampled at `fs` Hz); `EchoDataError` when it holds no beats."
     x = np.asarray(ecg, dtype=float).ravel()
+    if not fs or fs <= 0: raise EchoDataError(path, f"ECG sampling rate {fs!r} is unknown or not positive")
     if len(x) < fs or not np.isfinite(x).all() or np.ptp(x) == 0:
         raise EchoDataError(path, f"ECG unusable: {len(x)} samples (need >= 1 s), flat or not finite")
     try:
@@ -195,14 +196,14 @@ def reverse_pad(frames, n:int, path='<frames>'):
     if T < 2: raise EchoDataError(path, f"{T} frame(s): reverse padding needs at least 2")
     return frames[pingpong_index(np.arange(n), T)]
 
-# %% ../nbs/03_cycles.ipynb #8f717d7b
+# %% ../nbs/03_cycles.ipynb #417b7d7a
 def ed_es_cycle(frames, ed:int, es:int, n:int|None=None, path='<frames>'):
     "EchoNet-style full cycle: crop ED->ES, then reverse pad (to `n` frames, default one cycle 2(L-1))."
     ed, es = int(ed), int(es)
     if ed == es or not (0 <= min(ed, es) and max(ed, es) < len(frames)):
         raise EchoDataError(path, f"bad ED/ES frames {ed}/{es} for {len(frames)} frames")
-    crop = frames[ed:es+1] if ed < es else frames[es:ed+1][::-1]
-    return reverse_pad(crop, 2 * (len(crop) - 1) if n is None else n, path=path)
+    crop = np.arange(ed, es + 1) if ed < es else np.arange(ed, es - 1, -1)   # frame indices, starting at ED
+    return frames[reverse_pad(crop, 2 * (len(crop) - 1) if n is None else n, path=path)]
 
 ed_es_full_cycle = ed_es_cycle   # the name used in CONTRACTS
 
