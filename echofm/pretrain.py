@@ -17,9 +17,11 @@ import subprocess
 from .core import EchoDataError, data_samples
 
 # %% auto #0
-__all__ = ['METRICS', 'lr_factor', 'scaled_lr', 'param_groups', 'make_optimizer', 'make_scheduler', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'load_checkpoint', 'ResumableSampler', 'collate_clips', 'setup_distributed',
-           'NonFiniteLoss', 'train', 'write_metrics', 'torchrun']
+__all__ = ['METRICS', 'DEFAULT_STEPS', 'BASE_LR', 'lr_factor', 'scaled_lr', 'param_groups', 'make_optimizer', 'make_scheduler',
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'ResumableSampler', 'collate_clips',
+           'setup_distributed', 'NonFiniteLoss', 'train', 'write_metrics', 'torchrun', 'parse_overrides', 'build_model',
+           'CachedClips', 'build_data', 'export_encoder', 'load_encoder', 'similarity_of', 'plot_losses',
+           'plot_similarity', 'plot_reconstruction', 'holdout_clip', 'pretrain']
 
 # %% ../nbs/12_pretrain.ipynb #8a5a6834
 def lr_factor(step:int, total:int, warmup:int, min_ratio:float=0.) -> float:
@@ -133,7 +135,13 @@ def _batches(ds, sampler, batch_size, start_micro, num_workers, seed, device):
             if x is not None: yield x.to(device, non_blocking=True)
         epoch, skip = epoch + 1, 0
 
-# %% ../nbs/12_pretrain.ipynb #65816d55
+# %% ../nbs/12_pretrain.ipynb #8519bc4a
+def _all_agree(flag:bool, world:int) -> bool:
+    "True on every process when `flag` is true on any (so that all stop at the same step)."
+    if world == 1: return bool(flag)
+    t = torch.tensor([float(flag)]); dist.all_reduce(t)
+    return bool(t.item() > 0)
+
 def _autocast(device, precision):
     "Autocast context and dtype for `precision` ('auto': bf16 on CUDA, fp32 elsewhere)."
     if precision == 'auto': precision = 'bf16' if device.type == 'cuda' else 'fp32'
@@ -141,7 +149,7 @@ def _autocast(device, precision):
     ctx = torch.autocast(device.type, dtype=dt) if dt else contextlib.nullcontext()
     return ctx, precision
 
-# %% ../nbs/12_pretrain.ipynb #63d93921
+# %% ../nbs/12_pretrain.ipynb #f038a226
 def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss_con, valid_frac, ...) for a video batch
           data:Dataset,                      # clips (3, T, H, W) in [0, 1] (or tuples/dicts holding them)
           out=None,                          # run folder (checkpoint.pt, metrics.csv); None: write nothing
@@ -161,13 +169,16 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
           ckpt_every:int|None=None,          # steps between checkpoints (None: only at the end)
           num_workers:int=0,
           compile:bool=False,                # `torch.compile` the model
-          stop_at:int|None=None,             # stop after this step as if interrupted (tests, time-boxed jobs)
+          stop_at:int|None=None,             # stop after this step as if interrupted (tests)
+          time_limit:float|None=None,        # seconds: stop after the step that passes it (checkpoint kept)
           progress:bool=True,                # tqdm bar (rank 0)
           on_step=None,                      # callback(step, row dict) after each step (rank 0)
+          extra:dict|None=None,              # tensors/plain values to keep in the checkpoint (resumed runs keep theirs)
          ) -> dict:
     "Pretrain `model` on `data`; -> dict(step, rows (the metrics), checkpoint path, n_bad)."
     rank, world, device = setup_distributed(str(device))
-    out = Path(out) if out is not None and rank == 0 else None
+    run_dir = Path(out) if out is not None else None
+    out = run_dir if rank == 0 else None                               # only rank 0 writes
     torch.manual_seed(seed + rank); random.seed(seed + rank); np.random.seed(seed + rank)
     raw = model.to(device)
     net = torch.compile(raw) if compile else raw
@@ -185,13 +196,14 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
     sched = make_scheduler(opt, max_steps, warm, min_lr_ratio)
     autocast, precision = _autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
-    step, rows, extra = 0, [], {}
+    step, rows, extra = 0, [], dict(extra or {})
     if resume:
-        ck = load_checkpoint(Path(out or '.')/'checkpoint.pt' if resume is True else resume, map_location=device)
+        ck = load_checkpoint(run_dir/'checkpoint.pt' if resume is True else resume, map_location=device)
         raw.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
         sched.load_state_dict(ck['scheduler']); scaler.load_state_dict(ck['scaler'])
         step, rows, extra = ck['step'], list(ck.get('rows', [])), dict(ck.get('extra', {}))
-        set_rng_state(ck['rng'][rank] if isinstance(ck['rng'], list) else ck['rng'])
+        rngs = ck['rng'] if isinstance(ck['rng'], list) else [ck['rng']]
+        set_rng_state(rngs[rank % len(rngs)])                          # same world size: exact continuation
     def state():
         rngs = [rng_state()]
         if world > 1:
@@ -200,12 +212,13 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
         return dict(model=raw.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                     scaler=scaler.state_dict(), step=step, rng=rngs, rows=rows, extra=extra,
                     config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
-                    n_bad=_bad_count(data), world=world, batch_size=batch_size, accum=accum, seed=seed)
+                    n_bad=_bad_count(data), world=world, batch_size=batch_size, accum=accum, seed=seed,
+                    max_steps=max_steps)
     ckpt = out/'checkpoint.pt' if out else None
     stream = _batches(data, sampler, batch_size, step * accum, num_workers, seed, device)
     end = min(max_steps, stop_at or max_steps)
     bar = tqdm(total=max_steps, initial=step, disable=not progress or rank != 0, dynamic_ncols=True, mininterval=1)
-    raw.train()
+    raw.train(); t_start = time.time()
     while step < end:
         t0 = time.perf_counter()
         stats = torch.zeros(4, device=device)
@@ -235,6 +248,9 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
             if on_step: on_step(step, row)
         if ckpt and ckpt_every and step % ckpt_every == 0 and step < end: save_checkpoint(state(), ckpt)
         elif not ckpt and world > 1 and ckpt_every and step % ckpt_every == 0: state()   # keep collectives in step
+        if time_limit is not None and _all_agree(time.time() - t_start > time_limit, world):
+            if rank == 0: print(f"time limit ({time_limit:.0f} s) reached at step {step} of {max_steps}")
+            break
     bar.close()
     st = state()
     if ckpt: save_checkpoint(st, ckpt); write_metrics(rows, out/'metrics.csv')
@@ -247,7 +263,7 @@ def write_metrics(rows:list, path) -> Path:
         w = csv.DictWriter(f, METRICS, extrasaction='ignore'); w.writeheader(); w.writerows(rows)
     return Path(path)
 
-# %% ../nbs/12_pretrain.ipynb #3c17a7cf
+# %% ../nbs/12_pretrain.ipynb #d7a0f19c
 def _free_port() -> int:
     import socket
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
@@ -259,4 +275,202 @@ def torchrun(args:list, nproc:int=2, timeout:float=300, env:dict|None=None) -> s
     e = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
     if r.returncode: raise RuntimeError(f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+# %% ../nbs/12_pretrain.ipynb #8dcaca75
+def parse_overrides(items) -> dict:
+    "['mask_ratio=0.9', 'objective=mae', 'proj_heads=None'] -> typed dict (JSON values, else strings)."
+    out = {}
+    for it in items or []:
+        if '=' not in it: raise ValueError(f"config override {it!r} is not key=value")
+        k, v = it.split('=', 1)
+        try: out[k] = json.loads({'None': 'null', 'True': 'true', 'False': 'false'}.get(v, v))
+        except json.JSONDecodeError: out[k] = v
+    return out
+
+# %% ../nbs/12_pretrain.ipynb #55ef00bf
+def build_model(preset:str='tiny', overrides:dict|None=None):
+    "`EchoFM(EchoFMConfig.preset(preset, **overrides))`."
+    from echofm.model import EchoFM, EchoFMConfig
+    return EchoFM(EchoFMConfig.preset(preset, **(overrides or {})))
+
+class CachedClips(Dataset):
+    "Keeps the clips of a deterministic dataset (`PhantomClips`: same clip per index) in memory after their first draw."
+    def __init__(self, ds): self.ds, self.cache = ds, {}
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        if i not in self.cache: self.cache[i] = self.ds[i]
+        return self.cache[i]
+    n_bad = property(lambda self: _bad_count(self.ds))
+
+def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=64, cache_gib:float=2.) -> Dataset:
+    "Clips for `--data`: a folder (searched recursively), 'synth:N' phantoms, or None: data_samples/ + phantoms."
+    from echofm.clips import EchoFolder, PhantomClips
+    from echofm.io import find_videos
+    kw = dict(n_frames=n_frames, size=size)
+    def synth(n):                                          # drawn on the fly, kept when they fit in `cache_gib`
+        ds = PhantomClips(n, seed=seed, **kw)
+        return CachedClips(ds) if n * 3 * n_frames * size**2 * 4 <= cache_gib * 2**30 else ds
+    if data is None:
+        parts = [EchoFolder(data_samples(), **kw)] if data_samples().exists() and find_videos(data_samples()) else []
+        return ConcatDataset(parts + [synth(phantoms)])
+    if str(data).startswith('synth:'): return synth(int(str(data)[6:]))
+    if not Path(data).exists(): raise FileNotFoundError(f"--data {data}: no such folder")
+    return EchoFolder(data, **kw)
+
+# %% ../nbs/12_pretrain.ipynb #83183cf7
+def export_encoder(model, out) -> Path:
+    "Write `out/encoder.safetensors` and `out/config.json`."
+    from safetensors.torch import save_file
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}, out/'encoder.safetensors')
+    (out/'config.json').write_text(json.dumps(dataclasses.asdict(model.cfg), indent=1))
+    return out/'encoder.safetensors'
+
+def load_encoder(model, path) -> nn.Module:
+    "Load encoder weights into `model.encoder` from encoder.safetensors, a checkpoint.pt, or a run folder."
+    from safetensors.torch import load_file
+    p = Path(path)
+    if p.is_dir(): p = p/'encoder.safetensors' if (p/'encoder.safetensors').exists() else p/'checkpoint.pt'
+    sd = load_file(p) if p.suffix == '.safetensors' else load_checkpoint(p).get('model', {})
+    enc = {k[8:]: v for k, v in sd.items() if k.startswith('encoder.')} or sd
+    r = model.encoder.load_state_dict(enc, strict=False)
+    if len(r.missing_keys) == len(model.encoder.state_dict()):
+        raise ValueError(f"--init {path}: no encoder weights in it (keys like {list(sd)[:3]})")
+    if r.missing_keys: print(f"--init: {len(r.missing_keys)} encoder tensors not in {p.name}, left as initialised")
+    return model
+
+# %% ../nbs/12_pretrain.ipynb #2adec4f3
+def _device(model): return next(model.parameters()).device
+
+@torch.no_grad()
+def similarity_of(model, clip:torch.Tensor) -> torch.Tensor:
+    "Self-similarity S (T', T') (eq. 2) of the per-slice embeddings of one unmasked clip (3, T, H, W)."
+    from echofm.similarity import self_similarity
+    was = model.training; model.eval()
+    z = model.encode(clip[None].to(_device(model)), mask_ratio=0.)['slices'].float()
+    model.train(was)
+    return self_similarity(z, metric=getattr(model.cfg, 'sim', 'l2'))[0].cpu()
+
+def plot_losses(rows:list, path=None):
+    "Reconstruction loss, contrastive loss and the share of anchors with a valid triplet, per step."
+    import matplotlib.pyplot as plt
+    s = [r['step'] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(8, 2.4), dpi=70)
+    for a, k, t in zip(ax, ('loss_rec', 'loss_con', 'valid_frac'), ('$L_r$ (eq. 1)', '$L_c$ (eq. 3)', 'anchors with a triplet')):
+        a.plot(s, [r[k] for r in rows]); a.set_title(t); a.set_xlabel('step')
+    ax[2].set_ylim(0, 1.05); fig.tight_layout()
+    if path: fig.savefig(path, dpi=100)
+    return fig
+
+def plot_similarity(S_before, S_after, path=None):
+    "Self-similarity of the held-out clip before and after training, side by side."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(6, 2.8), dpi=70)
+    for a, S, t in zip(ax, (S_before, S_after), ('before', 'after')):
+        im = a.imshow(S, cmap='viridis'); a.set_title(f'S {t} training'); a.set_xlabel("slice $t_j$"); fig.colorbar(im, ax=a)
+    ax[0].set_ylabel("slice $t_i$"); fig.tight_layout()
+    if path: fig.savefig(path, dpi=100)
+    return fig
+
+@torch.no_grad()
+def plot_reconstruction(model, clip:torch.Tensor, path=None, n:int=4):
+    "Original / masked / reconstructed frames of one clip, at `n` times."
+    import matplotlib.pyplot as plt
+    was = model.training; model.eval()
+    r = model.reconstruct(clip[None].to(_device(model)), mask_kind='uniform'); model.train(was)
+    x, pred = clip.float(), r['pred_video'][0].float().cpu().clamp(0, 1)
+    hidden = r['mask_video'][0].float().cpu().expand_as(x)
+    T = x.shape[1]; ts = np.linspace(0, T - 1, n).round().astype(int)
+    fig, ax = plt.subplots(3, n, figsize=(1.6 * n, 5), dpi=70)
+    for j, t in enumerate(ts):
+        for i, (v, name) in enumerate(((x, 'original'), (x * (1 - hidden), 'masked'), (pred, 'reconstructed'))):
+            ax[i, j].imshow(v[:, t].permute(1, 2, 0).numpy()); ax[i, j].set_xticks([]); ax[i, j].set_yticks([])
+            if j == 0: ax[i, j].set_ylabel(name)
+        ax[0, j].set_title(f'frame {t}')
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=100)
+    return fig
+
+# %% ../nbs/12_pretrain.ipynb #d2c7c509
+DEFAULT_STEPS = 300                            # the no-argument CPU lesson (see the timing below)
+BASE_LR = dict(tiny=3.2e-2, small=3.2e-2, base=1.5e-4, large=1.5e-4)
+
+def holdout_clip(cfg, seed:int=0) -> torch.Tensor:
+    "A phantom clip no training set draws (its seed is far from theirs), for the before/after figures."
+    from echofm.clips import PhantomClips
+    return PhantomClips(1, n_frames=cfg.n_frames, size=cfg.img_size, seed=seed + 1_000_003)[0]
+
+# %% ../nbs/12_pretrain.ipynb #4043c109
+@call_parse
+def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recursive) or 'synth:N'; default: data_samples/ + phantoms
+             preset:str='tiny',            # model size: tiny | small | base | large
+             set:Param("config overrides, e.g. --set mask_ratio=0.9 objective=single_pass", str, nargs='*')=None,
+             batch_size:int=8,             # clips per process and micro-batch
+             max_steps:int=None,           # optimiser steps (default 300, or from --epochs)
+             epochs:float=None,            # passes over the data, instead of --max_steps
+             lr:float=None,                # peak learning rate (default: base_lr * effective batch / 256)
+             base_lr:float=None,           # learning rate per 256 clips (default by preset, see BASE_LR)
+             warmup:float=0.05,            # warm-up: steps (>= 1) or a fraction of the run
+             min_lr_ratio:float=0.01,      # final lr / peak lr
+             weight_decay:float=0.05,      # AdamW decay (not on norms, biases, position embeddings, tokens)
+             clip_grad:float=1.0,          # max gradient norm (0: no clipping)
+             accum:int=1,                  # micro-batches per optimiser step (gradient accumulation)
+             out:str=None,                 # run folder (default runs/<UTC timestamp>)
+             resume:str=None,              # checkpoint.pt or run folder to continue exactly where it stopped
+             init:str=None,                # initialise the encoder from a checkpoint / encoder.safetensors / run folder
+             device:str='cpu',             # cpu | cuda | auto
+             precision:str='auto',         # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+             seed:int=0,                   # seeds weights, data order, masks and phantoms
+             num_workers:int=0,            # data-loading worker processes
+             compile:store_true=False,     # torch.compile the model
+             ckpt_every:int=100,           # steps between checkpoints
+             max_minutes:float=None,       # stop (with checkpoint and figures) after this long; lesson default 4.5
+             phantoms:int=64,              # phantom clips added to data_samples/ when --data is not given
+             quiet:store_true=False,       # no progress bar
+            ):
+    "Pretrain EchoFM (the main job): writes checkpoint, metrics.csv, encoder.safetensors and figures to a run folder."
+    from echofm.model import EchoFM, EchoFMConfig
+    rank = int(os.environ.get('RANK', 0))
+    if resume:
+        rp = Path(resume); rp = rp/'checkpoint.pt' if rp.is_dir() else rp
+        ck = load_checkpoint(rp)
+        cfg, out, resume = EchoFMConfig(**ck['config']), out or rp.parent, rp
+        a = ck['extra'].get('args', {})
+        data, seed, batch_size, accum = a.get('data', data), ck['seed'], ck['batch_size'], ck['accum']
+        max_steps, phantoms = max_steps or ck['max_steps'], a.get('phantoms', phantoms)
+        lr, warmup, min_lr_ratio = a.get('lr', lr), a.get('warmup', warmup), a.get('min_lr_ratio', min_lr_ratio)
+    else:
+        cfg = EchoFMConfig.preset(preset, **parse_overrides(set))
+        lr = lr or scaled_lr(base_lr or BASE_LR.get(preset, 1.5e-4), batch_size, int(os.environ.get('WORLD_SIZE', 1)), accum)
+        if max_steps is None and epochs is None: max_steps, max_minutes = DEFAULT_STEPS, max_minutes or 4.5
+        out = out or f"runs/{datetime.utcnow():%Y%m%d-%H%M%S}"
+    torch.manual_seed(seed)
+    model = EchoFM(cfg)
+    if init and not resume: load_encoder(model, init)
+    ds = build_data(data, cfg.n_frames, cfg.img_size, seed, phantoms)
+    held = holdout_clip(cfg, seed)
+    extra = dict(args=dict(data=data, phantoms=phantoms, lr=lr, warmup=warmup, min_lr_ratio=min_lr_ratio, preset=preset))
+    if not resume: extra['S_before'] = similarity_of(model, held)
+    if rank == 0: print(f"echofm pretrain: {preset} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params), "
+                        f"{len(ds)} clips, batch {batch_size}x{accum}, lr {lr:.2e}, {device} -> {out}")
+    t0 = time.time()
+    r = train(model, ds, out=out, batch_size=batch_size, max_steps=max_steps, epochs=epochs, lr=lr, warmup=warmup,
+              min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, clip_grad=clip_grad or None, accum=accum,
+              device=device, precision=precision, seed=seed, resume=resume, ckpt_every=ckpt_every,
+              num_workers=num_workers, compile=compile, progress=not quiet, extra=extra,
+              time_limit=None if max_minutes is None else max_minutes * 60)
+    if rank != 0: return r
+    out, model = Path(out), r['model']
+    export_encoder(model, out)
+    plot_losses(r['rows'], out/'losses.png')
+    plot_similarity(r['extra']['S_before'], similarity_of(model, held), out/'similarity.png')
+    plot_reconstruction(model, held, out/'reconstruction.png')
+    last = r['rows'][-1] if r['rows'] else {}
+    summary = dict(steps=r['step'], minutes=(time.time() - t0) / 60, world=r['world'], unreadable_clips_skipped=r['n_bad'],
+                   loss_rec=last.get('loss_rec'), loss_con=last.get('loss_con'), config=dataclasses.asdict(cfg))
+    (out/'summary.json').write_text(json.dumps(summary, indent=1))
+    print(f"done: {r['step']} steps in {summary['minutes']:.1f} min, L_r {last.get('loss_rec', float('nan')):.4f}, "
+          f"L_c {last.get('loss_con', float('nan')):.4f}, {r['n_bad']} unreadable clips skipped -> {out}")
+    import matplotlib.pyplot as plt; plt.close('all')
     return r
