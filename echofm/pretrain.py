@@ -340,7 +340,7 @@ def load_encoder(model, path) -> nn.Module:
     if r.missing_keys: print(f"--init: {len(r.missing_keys)} encoder tensors not in {p.name}, left as initialised")
     return model
 
-# %% ../nbs/12_pretrain.ipynb #2adec4f3
+# %% ../nbs/12_pretrain.ipynb #4a6e1b0e
 def _device(model): return next(model.parameters()).device
 
 @torch.no_grad()
@@ -382,7 +382,7 @@ def plot_reconstruction(model, clip:torch.Tensor, path=None, n:int=4):
     x, pred = clip.float(), r['pred_video'][0].float().cpu().clamp(0, 1)
     hidden = r['mask_video'][0].float().cpu().expand_as(x)
     T = x.shape[1]; ts = np.linspace(0, T - 1, n).round().astype(int)
-    fig, ax = plt.subplots(3, n, figsize=(1.6 * n, 5), dpi=70)
+    fig, ax = plt.subplots(3, n, figsize=(1.5 * n, 4.6), dpi=70)
     for j, t in enumerate(ts):
         for i, (v, name) in enumerate(((x, 'original'), (x * (1 - hidden), 'masked'), (pred, 'reconstructed'))):
             ax[i, j].imshow(v[:, t].permute(1, 2, 0).numpy()); ax[i, j].set_xticks([]); ax[i, j].set_yticks([])
@@ -392,8 +392,8 @@ def plot_reconstruction(model, clip:torch.Tensor, path=None, n:int=4):
     if path: fig.savefig(path, dpi=100)
     return fig
 
-# %% ../nbs/12_pretrain.ipynb #d2c7c509
-DEFAULT_STEPS = 300                            # the no-argument CPU lesson (see the timing below)
+# %% ../nbs/12_pretrain.ipynb #6e25e6f3
+DEFAULT_STEPS = 500                            # the no-argument CPU lesson (about 2.5 min on 2 idle cores)
 BASE_LR = dict(tiny=3.2e-2, small=3.2e-2, base=1.5e-4, large=1.5e-4)
 
 def holdout_clip(cfg, seed:int=0) -> torch.Tensor:
