@@ -108,7 +108,7 @@ def bench_model(model, batch_size:int=4, device='cpu', precision='auto', warmup:
     return dict(ms=1e3 * s, ms_best=1e3 * float(ts.min()), clips_s=batch_size / s, peak_mib=_peak_bytes(device) / 2**20,
                 gflop=flops / 1e9, gflop_s=flops / s / 1e9, mfu=flops / s / peak if peak else float('nan'))
 
-# %% ../nbs/13_bench.ipynb #74e0665f
+# %% ../nbs/13_bench.ipynb #88632922
 def machine() -> str:
     "One line describing the device: CPU model and threads, or the GPU."
     if torch.cuda.is_available(): return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -135,19 +135,23 @@ def bench(preset:str='small',              # model size: tiny | small | base | l
     from echofm.pretrain import parse_overrides
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dev = torch.device(device)
-    peak = matmul_peak(dev)
-    print(f"{machine()}\nmatmul peak ({'bf16' if dev.type == 'cuda' else 'fp32'}): {peak / 1e9:,.0f} GFLOP/s")
-    print(f"{preset}, batch {batch_size}, {n_frames} frames, {img_size}x{img_size}, {precision}\n")
-    print(f"{'objective':<12}{'ms/step':>9}{'clips/s':>9}{'peak MiB':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'x single':>10}")
+    _, precision = _autocast(dev, precision)
+    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[precision]
+    peak = matmul_peak(dev, dtype)                       # the peak of the precision the matrix products run in
+    print(f"{machine()}\n{preset}, batch {batch_size}, {n_frames} frames, {img_size}x{img_size}, {precision}\n")
     res = []
     for obj in objectives or ['two_pass', 'single_pass', 'mae']:
         torch.manual_seed(0)
         cfg = EchoFMConfig.preset(preset, n_frames=n_frames, img_size=img_size, objective=obj, **parse_overrides(set))
-        r = dict(objective=obj, **bench_model(EchoFM(cfg), batch_size, dev, precision, warmup, iters, peak, compile))
-        res.append(r)
-        single = next((q['ms'] for q in res if q['objective'] == 'single_pass'), None)
+        res.append(dict(objective=obj, **bench_model(EchoFM(cfg), batch_size, dev, precision, warmup, iters, None, compile)))
+    peak = max(peak, matmul_peak(dev, dtype))            # measured before and after: the less disturbed one
+    print(f"matmul peak ({precision}): {peak / 1e9:,.0f} GFLOP/s")
+    print(f"{'objective':<12}{'ms/step':>9}{'best':>8}{'clips/s':>9}{'peak MiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU':>7}{'x single':>10}")
+    single = next((q['ms'] for q in res if q['objective'] == 'single_pass'), None)
+    for r in res:
+        r['mfu'], r['peak_flops'] = r['gflop_s'] * 1e9 / peak, peak
         rel = f"{r['ms'] / single:.2f}" if single else '-'
-        print(f"{obj:<12}{r['ms']:>9.1f}{r['clips_s']:>9.2f}{r['peak_mib']:>10,.0f}{r['gflop']:>9.1f}"
-              f"{r['gflop_s']:>9.1f}{r['mfu']:>7.1%}{rel:>10}", flush=True)
+        print(f"{r['objective']:<12}{r['ms']:>9.1f}{r['ms_best']:>8.1f}{r['clips_s']:>9.2f}{r['peak_mib']:>10,.0f}"
+              f"{r['gflop']:>8.1f}{r['gflop_s']:>9.1f}{r['mfu']:>7.1%}{rel:>10}")
     if json_out: Path(json_out).write_text(json.dumps(dict(machine=machine(), peak_flops=peak, results=res), indent=1))
     return res
