@@ -277,7 +277,7 @@ def torchrun(args:list, nproc:int=2, timeout:float=300, env:dict|None=None) -> s
     if r.returncode: raise RuntimeError(f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
 
-# %% ../nbs/12_pretrain.ipynb #8dcaca75
+# %% ../nbs/12_pretrain.ipynb #0c740396
 def parse_overrides(items) -> dict:
     "['mask_ratio=0.9', 'objective=mae', 'proj_heads=None'] -> typed dict (JSON values, else strings)."
     out = {}
@@ -288,7 +288,7 @@ def parse_overrides(items) -> dict:
         except json.JSONDecodeError: out[k] = v
     return out
 
-# %% ../nbs/12_pretrain.ipynb #55ef00bf
+# %% ../nbs/12_pretrain.ipynb #ec2d0d0e
 def build_model(preset:str='tiny', overrides:dict|None=None):
     "`EchoFM(EchoFMConfig.preset(preset, **overrides))`."
     from echofm.model import EchoFM, EchoFMConfig
@@ -318,7 +318,7 @@ def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=6
     if not Path(data).exists(): raise FileNotFoundError(f"--data {data}: no such folder")
     return EchoFolder(data, **kw)
 
-# %% ../nbs/12_pretrain.ipynb #83183cf7
+# %% ../nbs/12_pretrain.ipynb #490b4eb5
 def export_encoder(model, out) -> Path:
     "Write `out/encoder.safetensors` and `out/config.json`."
     from safetensors.torch import save_file
@@ -340,7 +340,7 @@ def load_encoder(model, path) -> nn.Module:
     if r.missing_keys: print(f"--init: {len(r.missing_keys)} encoder tensors not in {p.name}, left as initialised")
     return model
 
-# %% ../nbs/12_pretrain.ipynb #4a6e1b0e
+# %% ../nbs/12_pretrain.ipynb #65e23a49
 def _device(model): return next(model.parameters()).device
 
 @torch.no_grad()
@@ -392,7 +392,7 @@ def plot_reconstruction(model, clip:torch.Tensor, path=None, n:int=4):
     if path: fig.savefig(path, dpi=100)
     return fig
 
-# %% ../nbs/12_pretrain.ipynb #6e25e6f3
+# %% ../nbs/12_pretrain.ipynb #c0e7ef1f
 DEFAULT_STEPS = 500                            # the no-argument CPU lesson (about 2.5 min on 2 idle cores)
 BASE_LR = dict(tiny=3.2e-2, small=3.2e-2, base=1.5e-4, large=1.5e-4)
 
@@ -401,7 +401,7 @@ def holdout_clip(cfg, seed:int=0) -> torch.Tensor:
     from echofm.clips import PhantomClips
     return PhantomClips(1, n_frames=cfg.n_frames, size=cfg.img_size, seed=seed + 1_000_003)[0]
 
-# %% ../nbs/12_pretrain.ipynb #4043c109
+# %% ../nbs/12_pretrain.ipynb #60d16fbd
 @call_parse
 def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recursive) or 'synth:N'; default: data_samples/ + phantoms
              preset:str='tiny',            # model size: tiny | small | base | large
