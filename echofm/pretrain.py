@@ -233,6 +233,7 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
         loss, rec, con, valid = stats.tolist()                          # the one host sync per step
         if not math.isfinite(loss):
             bar.close()
+            if out: write_metrics(rows, out/'metrics.csv')
             raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step + 1}; stopped before updating the weights. "
                                 f"Last good checkpoint: {ckpt if ckpt and ckpt.exists() else 'none'}")
         scaler.unscale_(opt)
@@ -246,8 +247,9 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
         if rank == 0:
             bar.update(1); bar.set_postfix(rec=f"{rec:.4f}", con=f"{con:.4f}", lr=f"{lr_now:.2e}", refresh=False)
             if on_step: on_step(step, row)
-        if ckpt and ckpt_every and step % ckpt_every == 0 and step < end: save_checkpoint(state(), ckpt)
-        elif not ckpt and world > 1 and ckpt_every and step % ckpt_every == 0: state()   # keep collectives in step
+        if ckpt_every and step % ckpt_every == 0 and step < end and (ckpt or world > 1):
+            st = state()                                                # every rank joins its RNG gather
+            if ckpt: save_checkpoint(st, ckpt); write_metrics(rows, out/'metrics.csv')
         if time_limit is not None and _all_agree(time.time() - t_start > time_limit, world):
             if rank == 0: print(f"time limit ({time_limit:.0f} s) reached at step {step} of {max_steps}")
             break
