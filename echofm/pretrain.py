@@ -5,7 +5,7 @@
 # %% ../nbs/12_pretrain.ipynb #3d936d51
 from __future__ import annotations
 import os, sys, json, math, time, csv, random, contextlib, dataclasses
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -446,7 +446,7 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
         cfg = EchoFMConfig.preset(preset, **parse_overrides(set))
         lr = lr or scaled_lr(base_lr or BASE_LR.get(preset, 1.5e-4), batch_size, int(os.environ.get('WORLD_SIZE', 1)), accum)
         if max_steps is None and epochs is None: max_steps, max_minutes = DEFAULT_STEPS, max_minutes or 4.5
-        out = out or f"runs/{datetime.utcnow():%Y%m%d-%H%M%S}"
+        out = out or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     torch.manual_seed(seed)
     model = EchoFM(cfg)
     if init and not resume: load_encoder(model, init)
