@@ -10,21 +10,20 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 from einops import rearrange
 from .tokenizer import patchify, unpatchify
-from .masking import random_mask, uniform_frame_mask, tube_mask
+from .masking import MASKS
 from .encoder import EchoFMConfig, Encoder
 from .decoder import Decoder, recon_loss, mask_to_video
 from .projector import Projector
 from .similarity import self_similarity, triplet_masks, triplet_loss
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MASKS', 'EchoFM', 'EchoFMConfig']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'EchoFM', 'EchoFMConfig']
 
 # %% ../nbs/11_model.ipynb #5a1463ff
 _all_ = ['EchoFMConfig']   # re-exported: `from echofm.model import EchoFM, EchoFMConfig`
 
 # %% ../nbs/11_model.ipynb #1e786cd6
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-MASKS = {'random': random_mask, 'uniform': uniform_frame_mask, 'tube': tube_mask}
 
 class EchoFM(nn.Module):
     "EchoFM: ViT encoder, MAE decoder and per-slice projector; `forward(video)` -> dict of the losses of Eqs. 1-4."
