@@ -82,7 +82,7 @@ class EchoFMConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 PRESETS = {
-    'tiny':  dict(dim=192, depth=4, heads=3, dec_dim=128, dec_depth=2, dec_heads=4, n_frames=16, img_size=112),
+    'tiny':  dict(dim=192, depth=4, heads=3, dec_dim=128, dec_depth=2, dec_heads=4, n_frames=16, img_size=112, tubelet=2),
     'small': dict(dim=384, depth=12, heads=6, dec_dim=256, dec_depth=4, dec_heads=8, n_frames=16, img_size=112),
     'base':  dict(dim=768, depth=12, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),
     'large': dict(dim=1024, depth=24, heads=16, dec_dim=512, dec_depth=8, dec_heads=16),
