@@ -16,7 +16,7 @@ from .pretrain import make_optimizer, _autocast
 __all__ = ['EXTRA_FLOPS', 'matmul_peak', 'count_flops', 'make_step', 'time_step', 'periodic_clips', 'bench_model', 'machine',
            'bench']
 
-# %% ../nbs/13_bench.ipynb #a5431bf2
+# %% ../nbs/13_bench.ipynb #4fa87251
 def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
 
@@ -32,7 +32,7 @@ def matmul_peak(device='cpu', dtype=None, n:int|None=None, reps:int=5) -> float:
         if i: best = min(best, time.perf_counter() - t)                  # the first one warms up
     return 2 * n**3 / best
 
-# %% ../nbs/13_bench.ipynb #db47bcd5
+# %% ../nbs/13_bench.ipynb #6c4acbe3
 def _sdpa_cpu(q, k, v, *args, out_shape=None, **kw): return sdpa_flop_count(q, k, v)
 def _sdpa_cpu_bwd(g, q, k, v, *args, out_shape=None, **kw): return sdpa_backward_flop_count(g, q, k, v)
 EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
@@ -51,7 +51,7 @@ def count_flops(fn, *args, **kwargs) -> int:
     with fc: fn(*args, **kwargs)
     return fc.get_total_flops()
 
-# %% ../nbs/13_bench.ipynb #6bdad45b
+# %% ../nbs/13_bench.ipynb #83ff26c4
 def _reset_peak(device):
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device); return
     try: Path('/proc/self/clear_refs').write_text('5')
@@ -81,7 +81,7 @@ def time_step(step, device='cpu', warmup:int=3, iters:int=10) -> np.ndarray:
         _sync(device); t = time.perf_counter(); step(); _sync(device); ts.append(time.perf_counter() - t)
     return np.array(ts)
 
-# %% ../nbs/13_bench.ipynb #6a846297
+# %% ../nbs/13_bench.ipynb #929593ee
 def periodic_clips(B:int, T:int, size:int, period:float=8., seed:int=0) -> torch.Tensor:
     "Random clips (B, 3, T, size, size) in [0, 1] whose pixels oscillate with `period` frames."
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +89,7 @@ def periodic_clips(B:int, T:int, size:int, period:float=8., seed:int=0) -> torch
     phase = torch.sin(2 * math.pi * torch.arange(T) / period).view(1, 1, T, 1, 1)
     return 0.5 * base + 0.5 * amp * (0.5 + 0.5 * phase)
 
-# %% ../nbs/13_bench.ipynb #d3618a68
+# %% ../nbs/13_bench.ipynb #80d0c914
 def bench_model(model, batch_size:int=4, device='cpu', precision='auto', warmup:int=3, iters:int=10,
                 peak:float|None=None, compile:bool=False) -> dict:
     "ms/step, clips/s, peak memory, FLOPs/step, FLOP/s and MFU (against `peak` FLOP/s) of `model`'s training step."
@@ -108,7 +108,7 @@ def bench_model(model, batch_size:int=4, device='cpu', precision='auto', warmup:
     return dict(ms=1e3 * s, ms_best=1e3 * float(ts.min()), clips_s=batch_size / s, peak_mib=_peak_bytes(device) / 2**20,
                 gflop=flops / 1e9, gflop_s=flops / s / 1e9, mfu=flops / s / peak if peak else float('nan'))
 
-# %% ../nbs/13_bench.ipynb #88632922
+# %% ../nbs/13_bench.ipynb #5e997b88
 def machine() -> str:
     "One line describing the device: CPU model and threads, or the GPU."
     if torch.cuda.is_available(): return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
