@@ -106,7 +106,7 @@ def vit_blocks(dim:int, depth:int, heads:int, mlp_ratio:float=4., drop_path:floa
 
 # %% ../nbs/07_encoder.ipynb #95fc63fd
 class Encoder(nn.Module):
-    "ViT over the visible tokens: forward(x (B,C,T,H,W), ids_keep (B,n)|None) -> (B, 1+n, D), [CLS] first."
+    "ViT over the visible tokens: forward(x (B,C,T,H,W), ids_keep (B,n) or (kB,n) or None) -> (B or kB, 1+n, D), [CLS] first."
     def __init__(self, cfg:EchoFMConfig):
         super().__init__()
         self.cfg = cfg
@@ -121,9 +121,10 @@ class Encoder(nn.Module):
         z = self.patch_embed(x)                                       # (B, N, D)
         B, N, _ = z.shape
         if ids_keep is None: ids_keep = torch.arange(N, device=z.device).expand(B, N)
-        z = take(z, ids_keep) + self.pos(ids_keep)                    # (B, n, D), each with its own E_pos
-        cls = (self.cls_token + self.pos.cls).expand(B, -1, -1)       # (B, 1, D)
-        z = torch.cat([cls, z], 1)                                    # (B, 1+n, D)
+        if len(ids_keep) != B: z = z.repeat(len(ids_keep) // B, 1, 1)  # k masks of every clip: (kB, N, D)
+        z = take(z, ids_keep) + self.pos(ids_keep)                    # (kB, n, D), each with its own E_pos
+        cls = (self.cls_token + self.pos.cls).expand(len(z), -1, -1)  # (kB, 1, D)
+        z = torch.cat([cls, z], 1)                                    # (kB, 1+n, D)
         for blk in self.blocks: z = blk(z)
         return self.norm(z)
 

@@ -70,7 +70,10 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
     c, x = self.cfg, self.normalize(video)                                      # (B,C,T,H,W)
     B = x.shape[0]
     ids_keep, mask, ids_restore = self.make_mask('tube' if c.objective == 'single_pass' else 'uniform', B, generator)
-    z = self.encoder(x, ids_keep)                                               # (B, 1+T'l, D)
+    if c.objective == 'two_pass':       # both passes in one batched encoder call: (2B, 1+T'l, D), split
+        ids_tube = self.make_mask('tube', B, generator)[0]                      # pass 2's consistent mask
+        z, z_tube = self.encoder(x, torch.cat([ids_keep, ids_tube])).split(B)   # (B, 1+T'l, D) each
+    else: z = self.encoder(x, ids_keep)                                         # (B, 1+T'l, D)
     pred = self.decoder(z, ids_restore)                                         # (B, N, t*p*p*C)
     loss_rec = recon_loss(pred, patchify(x, c.tubelet, c.patch), mask, c.norm_pix_loss)   # Eq. 1
     if c.objective == 'mae':
@@ -80,9 +83,8 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
         z_cls = self.slice_embed(z)                                             # (B, T', D), with gradient
         S = self.mining_similarity(x, z_cls=z_cls.detach())                     # (B, T', T')
     else:
-        S = self.mining_similarity(x, z)                                        # pass 1, no gradient
-        ids_keep2, _, _ = self.make_mask('tube', B, generator)
-        z_cls = self.slice_embed(self.encoder(x, ids_keep2))                    # pass 2: (B, T', D)
+        S = self.mining_similarity(x, z)                                        # pass 1 (uniform), no gradient
+        z_cls = self.slice_embed(z_tube)                                        # pass 2 (tube): (B, T', D)
     pos, neg = triplet_masks(S, c.adjacent)                                     # (B, T', T') bool
     loss_con, st = triplet_loss(z_cls, pos, neg, c.margin, c.mining, generator, c.sim, S=S)   # Eq. 3
     return dict(loss=loss_rec + c.lambda_c * loss_con, loss_rec=loss_rec, loss_con=loss_con, **st)
