@@ -77,9 +77,9 @@ COMMANDS = {  # name -> (module:function, one-line help)
     'pretrain': ('echofm.pretrain:pretrain', 'pretrain EchoFM (the main job; no arguments: tiny model, CPU, data_samples/)'),
     'bench':    ('echofm.bench:bench',       'time the pretraining step: ms/step, clips/s, memory, FLOPs, MFU'),
     'synth':    ('echofm.synth:synth_cli',   'write phantom echo clips (and regenerate data_samples/)'),
-    'embed':    ('echofm.phase:embed',       'embed videos: phase, ED/ES, cycle length, retrieval'),
-    'finetune': ('echofm.finetune:finetune', 'fine-tune a pretrained encoder on a downstream task'),
-    'evaluate': ('echofm.finetune:evaluate', 'evaluate a fine-tuned model'),
+    'embed':    ('echofm.phase:embed',       'embed videos: phase, ED/ES, cycle length, retrieval (planned)'),
+    'finetune': ('echofm.finetune:finetune', 'fine-tune a pretrained encoder on a downstream task (planned)'),
+    'evaluate': ('echofm.finetune:evaluate', 'evaluate a fine-tuned model (planned)'),
     'readme':   ('echofm.core:readme',       'write README.md from nbs/index.ipynb (offline)'),
 }
 
