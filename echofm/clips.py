@@ -84,12 +84,18 @@ class EchoFolder(Dataset):
     def __init__(self, root, n_frames:int=32, size:int=224, skip_bad:bool=True, seed:int|None=None,
                  max_tries:int=20, recursive:bool=True, **clip_kw):
         self.root, self.n_frames, self.size, self.skip_bad, self.seed, self.max_tries = root, n_frames, size, skip_bad, seed, max_tries
-        self.files, self.clip_kw, self.bad, self._bad = list(find_videos(root, recursive=recursive)), clip_kw, [], set()
+        self.files, self.clip_kw, self.reasons = list(find_videos(root, recursive=recursive)), clip_kw, {}
         self.periods = {}                                       # file index -> cycle length (frames), computed once
         if not self.files: raise EchoDataError(root, "no video files found")
+        self._flag = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()   # 1 = bad; shared with workers
     def __len__(self): return len(self.files)
     @property
-    def n_bad(self) -> int: return len(self.bad)
+    def n_bad(self) -> int: return int(self._flag.sum())
+    @property
+    def bad(self) -> list:
+        "(path, reason) of every file found unreadable so far, by this process or a DataLoader worker."
+        return [(str(self.files[i]), self.reasons.get(i, 'unreadable (found by a DataLoader worker)'))
+                for i in self._flag.nonzero().flatten().tolist()]
     def _rng(self, i):
         return np.random.default_rng(int(torch.randint(2**62, ()))) if self.seed is None else np.random.default_rng([self.seed, i])
     def load(self, i:int, rng=None) -> torch.Tensor:
@@ -103,13 +109,13 @@ class EchoFolder(Dataset):
     def __getitem__(self, i:int) -> torch.Tensor:
         rng = self._rng(i)
         for _ in range(self.max_tries):
-            if i not in self._bad:
+            if not self._flag[i]:
                 try: return self.load(i, rng)
                 except (EchoDataError, OSError) as e:
                     if not self.skip_bad: raise
-                    self._bad.add(i); self.bad.append((str(self.files[i]), getattr(e, 'reason', str(e))))
-                    warnings.warn(f"EchoFolder skipped {self.files[i]}: {self.bad[-1][1]} ({self.n_bad} bad so far)")
-            if len(self._bad) == len(self.files): break
+                    self._flag[i], self.reasons[i] = True, getattr(e, 'reason', str(e))
+                    warnings.warn(f"EchoFolder skipped {self.files[i]}: {self.reasons[i]} ({self.n_bad} bad so far)")
+            if bool(self._flag.all()): break
             i = int(rng.integers(len(self.files)))              # draw another file
         raise EchoDataError(self.root, f"no readable video after {self.max_tries} tries ({self.n_bad} bad files)")
 
