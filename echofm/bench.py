@@ -8,13 +8,12 @@ import os, time, json, math, platform
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 from fastcore.script import call_parse, Param, store_true
 from .pretrain import make_optimizer, _autocast
+from .encoder import flop_count
 
 # %% auto #0
-__all__ = ['EXTRA_FLOPS', 'matmul_peak', 'count_flops', 'make_step', 'time_step', 'periodic_clips', 'bench_model', 'machine',
-           'bench']
+__all__ = ['count_flops', 'matmul_peak', 'make_step', 'time_step', 'periodic_clips', 'bench_model', 'machine', 'bench']
 
 # %% ../nbs/13_bench.ipynb #4fa87251
 def _sync(device):
@@ -33,23 +32,7 @@ def matmul_peak(device='cpu', dtype=None, n:int|None=None, reps:int=5) -> float:
     return 2 * n**3 / best
 
 # %% ../nbs/13_bench.ipynb #6c4acbe3
-def _sdpa_cpu(q, k, v, *args, out_shape=None, **kw): return sdpa_flop_count(q, k, v)
-def _sdpa_cpu_bwd(g, q, k, v, *args, out_shape=None, **kw): return sdpa_backward_flop_count(g, q, k, v)
-EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd}
-
-class _Global:
-    "Stands in for `FlopCounterMode`'s per-module tracker (whose hooks trip over `no_grad` methods): totals only."
-    parents = {'Global'}
-    def __enter__(self): return self
-    def __exit__(self, *args): pass
-
-def count_flops(fn, *args, **kwargs) -> int:
-    "FLOPs performed by `fn(*args, **kwargs)` (matrix products, convolutions, attention)."
-    fc = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
-    fc.mod_tracker = _Global()
-    with fc: fn(*args, **kwargs)
-    return fc.get_total_flops()
+count_flops = flop_count          # the project's one FLOP counter, under the name this notebook uses
 
 # %% ../nbs/13_bench.ipynb #83ff26c4
 def _reset_peak(device):

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from functools import partial
 import torch
 from torch import nn, Tensor
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 from timm.models.vision_transformer import Block
 from .tokenizer import TubeletEmbed, PosEmbed
 from .masking import keep_count, take, tube_mask, uniform_frame_mask
 
 # %% auto #0
-__all__ = ['PRESETS', 'EchoFMConfig', 'init_vit_', 'vit_blocks', 'Encoder', 'n_params', 'flop_count']
+__all__ = ['PRESETS', 'EXTRA_FLOPS', 'EchoFMConfig', 'init_vit_', 'vit_blocks', 'Encoder', 'n_params', 'flop_count']
 
 # %% ../nbs/07_encoder.ipynb #81e6dc9e
 _CHOICES = dict(pos_embed=('learned', 'sincos'), objective=('two_pass', 'single_pass', 'mae'),
@@ -133,7 +133,20 @@ def n_params(module:nn.Module, trainable:bool=False) -> int:
     "Number of parameters of `module` (only those requiring grad if `trainable`)."
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
+def _sdpa_cpu(q, k, v, *args, out_shape=None, **kw): return sdpa_flop_count(q, k, v)
+def _sdpa_cpu_bwd(g, q, k, v, *args, out_shape=None, **kw): return sdpa_backward_flop_count(g, q, k, v)
+EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd}
+
+class _Totals:
+    "Stands in for `FlopCounterMode`'s per-module tracker (whose hooks trip over `no_grad` methods): totals only."
+    parents = {'Global'}
+    def __enter__(self): return self
+    def __exit__(self, *args): pass
+
 def flop_count(f, *args, **kwargs) -> int:
-    "FLOPs (2 per multiply-add) of calling `f(*args, **kwargs)`, counted by `torch.utils.flop_counter`; works on 'meta'."
-    with FlopCounterMode(display=False) as fc: f(*args, **kwargs)
+    "FLOPs (2 per multiply-add) of calling `f(*args, **kwargs)`: matrix products, convolutions, attention; works on 'meta'."
+    fc = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
+    fc.mod_tracker = _Totals()
+    with fc: f(*args, **kwargs)
     return fc.get_total_flops()

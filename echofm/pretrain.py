@@ -230,19 +230,19 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
                 scaler.scale(o['loss'] / accum).backward()
             stats += torch.stack([o[k].detach().float() for k in ('loss', 'loss_rec', 'loss_con', 'valid_frac')]) / accum
         if world > 1: dist.all_reduce(stats); stats /= world
-        loss, rec, con, valid = stats.tolist()                          # the one host sync per step
+        scaler.unscale_(opt)
+        gn = nn.utils.clip_grad_norm_(raw.parameters(), clip_grad if clip_grad else float('inf'))
+        loss, rec, con, valid, gn = torch.cat([stats, gn.detach().float().view(1).to(device)]).tolist()  # the one host sync per step
         if not math.isfinite(loss):
             bar.close()
             if out: write_metrics(rows, out/'metrics.csv')
             raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step + 1}; stopped before updating the weights. "
                                 f"Last good checkpoint: {ckpt if ckpt and ckpt.exists() else 'none'}")
-        scaler.unscale_(opt)
-        gn = nn.utils.clip_grad_norm_(raw.parameters(), clip_grad if clip_grad else float('inf'))
         lr_now = opt.param_groups[0]['lr']
         scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True); sched.step()
         step += 1
         row = dict(step=step, loss=loss, loss_rec=rec, loss_con=con, valid_frac=valid, lr=lr_now,
-                   grad_norm=float(gn), clips_per_s=batch_size * accum * world / (time.perf_counter() - t0))
+                   grad_norm=gn, clips_per_s=batch_size * accum * world / (time.perf_counter() - t0))
         rows.append(row)
         if rank == 0:
             bar.update(1); bar.set_postfix(rec=f"{rec:.4f}", con=f"{con:.4f}", lr=f"{lr_now:.2e}", refresh=False)

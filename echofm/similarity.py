@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch, torch.nn.functional as F
 from torch import Tensor
+from .masking import take
 
 # %% auto #0
 __all__ = ['METRICS', 'self_similarity', 'pair_dist', 'triplet_masks', 'toy_periodic', 'show_triplets', 'sample_triplets',
@@ -89,8 +90,7 @@ def triplet_loss(z:Tensor, pos:Tensor, neg:Tensor, margin:float=0.5, mode:str='r
     if S is None:
         with torch.no_grad(): S = self_similarity(z, metric)
     p_idx, n_idx, valid = sample_triplets(S, pos, neg, mode, generator)  # (B,T) each
-    take = lambda idx: z.gather(1, idx[..., None].expand(-1, -1, z.shape[-1]))  # (B,T,D)
-    d_pos, d_neg = pair_dist(z, take(p_idx), metric), pair_dist(z, take(n_idx), metric)  # (B,T)
+    d_pos, d_neg = pair_dist(z, take(z, p_idx), metric), pair_dist(z, take(z, n_idx), metric)  # (B,T)
     w = valid.to(z.dtype)
     n = w.sum().clamp_min(1)
     loss = (F.relu(d_pos - d_neg + margin) * w).sum() / n               # 0 with a graph if nothing is valid
