@@ -6,9 +6,11 @@
 from __future__ import annotations
 import torch
 from torch import nn, Tensor
+import torch.nn.functional as F
 from einops import repeat
 from .tokenizer import PosEmbed, patchify, unpatchify
 from .masking import take
+from .gemm import Linear
 from .encoder import EchoFMConfig, init_vit_, vit_blocks
 
 # %% auto #0
@@ -16,34 +18,37 @@ __all__ = ['Decoder', 'recon_loss', 'mask_to_video']
 
 # %% ../nbs/08_decoder.ipynb #fa8aaa37
 class Decoder(nn.Module):
-    "MAE decoder: forward(z (B,1+n_keep,D), ids_restore (B,N)) -> pred (B, N, patch_dim), every pixel of every tubelet."
+    "MAE decoder: forward(z (B,1+n_keep,D), ids_restore (B,N), ids_pred=None) -> pred (B, N or n_pred, patch_dim)."
     def __init__(self, cfg:EchoFMConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Linear(cfg.dim, cfg.dec_dim)
+        self.embed = Linear(cfg.dim, cfg.dec_dim)                            # nn.Linear, by echofm.gemm
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))       # [MISS]
         self.pos = PosEmbed(cfg, dim=cfg.dec_dim)
         self.blocks = vit_blocks(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio)
         self.norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
-        self.head = nn.Linear(cfg.dec_dim, cfg.patch_dim)
+        self.head = Linear(cfg.dec_dim, cfg.patch_dim)
         init_vit_(self); nn.init.normal_(self.mask_token, std=.02)
 
-    def forward(self, z:Tensor, ids_restore:Tensor) -> Tensor:
+    def forward(self, z:Tensor, ids_restore:Tensor, ids_pred:Tensor|None=None) -> Tensor:
+        "Every pixel of every tubelet, or (`ids_pred` (B,n)) of those tubelets only."
         z = self.embed(z)                                             # (B, 1+n, E)
         B, N = ids_restore.shape
         miss = self.mask_token.expand(B, N + 1 - z.shape[1], -1)      # (B, N-n, E)
         x = take(torch.cat([z[:, 1:], miss], 1), ids_restore)         # (B, N, E), time-major
         x = torch.cat([z[:, :1] + self.pos.cls, x + self.pos()], 1)   # (B, 1+N, E)
         for blk in self.blocks: x = blk(x)
-        return self.head(self.norm(x))[:, 1:]                         # (B, N, t*p*p*C)
+        x = x[:, 1:] if ids_pred is None else take(x[:, 1:], ids_pred)  # (B, N or n, E), [CLS] dropped
+        return self.head(self.norm(x))                                # (B, N or n, t*p*p*C)
 
 # %% ../nbs/08_decoder.ipynb #c80e1183
-def recon_loss(pred:Tensor, target:Tensor, mask:Tensor, norm_pix:bool=False) -> Tensor:
-    "Eq. 1: mean squared error over the hidden tubelets (`mask` (B,N) 1=hidden); `target` = patchify(video) (B,N,P)."
+def recon_loss(pred:Tensor, target:Tensor, mask:Tensor|None=None, norm_pix:bool=False) -> Tensor:
+    "Eq. 1: mean squared error over the hidden tubelets (`mask` (B,N) 1=hidden; None: all given are hidden); `target` = patchify(video)."
     if target.shape != pred.shape: raise ValueError(f"target {tuple(target.shape)} must be patchified like pred {tuple(pred.shape)}")
     if norm_pix:
         mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mu) / (var + 1e-6).sqrt()
+    if mask is None: return F.mse_loss(pred, target)              # pred and target hold the hidden tubelets only
     per_tubelet = (pred - target).pow(2).mean(-1)                 # (B, N)
     return (per_tubelet * mask).sum() / mask.sum().clamp_min(1)
 

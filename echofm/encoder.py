@@ -12,6 +12,7 @@ from torch import nn, Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 from timm.models.vision_transformer import Block
 from .tokenizer import TubeletEmbed, PosEmbed
+from .gemm import fast_linear_, cpu_gemm, GEMM_FLOPS
 from .masking import keep_count, take, tube_mask, uniform_frame_mask
 
 # %% auto #0
@@ -101,8 +102,8 @@ def init_vit_(module:nn.Module) -> nn.Module:
 def vit_blocks(dim:int, depth:int, heads:int, mlp_ratio:float=4., drop_path:float=0.) -> nn.ModuleList:
     "`depth` timm `Block`s (fused SDPA attention, qkv bias, LayerNorm eps 1e-6), drop-path rising linearly to `drop_path`."
     dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, drop_path=d,
-                               norm_layer=partial(nn.LayerNorm, eps=1e-6)) for d in dpr)
+    return fast_linear_(nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, drop_path=d,
+                                            norm_layer=partial(nn.LayerNorm, eps=1e-6)) for d in dpr))   # echofm.gemm
 
 # %% ../nbs/07_encoder.ipynb #95fc63fd
 class Encoder(nn.Module):
@@ -117,12 +118,10 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         init_vit_(self); nn.init.normal_(self.cls_token, std=.02)
 
-    def forward(self, x:Tensor, ids_keep:Tensor|None=None) -> Tensor:
-        z = self.patch_embed(x)                                       # (B, N, D)
-        B, N, _ = z.shape
-        if ids_keep is None: ids_keep = torch.arange(N, device=z.device).expand(B, N)
-        if len(ids_keep) != B: z = z.repeat(len(ids_keep) // B, 1, 1)  # k masks of every clip: (kB, N, D)
-        z = take(z, ids_keep) + self.pos(ids_keep)                    # (kB, n, D), each with its own E_pos
+    def forward(self, x:Tensor, ids_keep:Tensor|None=None, tubelets:Tensor|None=None) -> Tensor:
+        "`tubelets`: `patchify(x)`, if the caller has it already."
+        if ids_keep is None: z = self.patch_embed(x) + self.pos()     # (B, N, D): every token
+        else: z = self.patch_embed(x, ids_keep, tubelets) + self.pos(ids_keep)   # (kB, n, D): only the visible ones
         cls = (self.cls_token + self.pos.cls).expand(len(z), -1, -1)  # (kB, 1, D)
         z = torch.cat([cls, z], 1)                                    # (kB, 1+n, D)
         for blk in self.blocks: z = blk(z)
@@ -136,7 +135,8 @@ def n_params(module:nn.Module, trainable:bool=False) -> int:
 def _sdpa_cpu(q, k, v, *args, out_shape=None, **kw): return sdpa_flop_count(q, k, v)
 def _sdpa_cpu_bwd(g, q, k, v, *args, out_shape=None, **kw): return sdpa_backward_flop_count(g, q, k, v)
 EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd}
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd,
+               **GEMM_FLOPS}                                   # oneDNN's linear (echofm.gemm)
 
 class _Totals:
     "Stands in for `FlopCounterMode`'s per-module tracker (whose hooks trip over `no_grad` methods): totals only."
@@ -146,6 +146,7 @@ class _Totals:
 
 def flop_count(f, *args, **kwargs) -> int:
     "FLOPs (2 per multiply-add) of calling `f(*args, **kwargs)`: matrix products, convolutions, attention; works on 'meta'."
+    cpu_gemm()                              # settle the CPU's matrix-product library first: its trial is not counted
     fc = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
     fc.mod_tracker = _Totals()
     with fc: f(*args, **kwargs)

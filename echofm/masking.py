@@ -9,7 +9,7 @@ from torch import Tensor
 from einops import rearrange
 
 # %% auto #0
-__all__ = ['MASKS', 'keep_count', 'random_mask', 'uniform_frame_mask', 'tube_mask', 'take']
+__all__ = ['MASKS', 'keep_count', 'random_mask', 'uniform_frame_mask', 'tube_mask', 'take', 'hidden_ids']
 
 # %% ../nbs/06_masking.ipynb #0aa4d7ee
 def keep_count(L:int, ratio:float) -> int:
@@ -62,3 +62,7 @@ def take(x:Tensor, ids:Tensor) -> Tensor:
     "Rows `ids` (B,n) of `x` (B,N,...) along dim 1 -> (B,n,...), with `torch.gather` (no boolean indexing)."
     idx = ids.reshape(*ids.shape, *[1]*(x.dim()-2)).expand(*ids.shape, *x.shape[2:])
     return torch.gather(x, 1, idx)
+
+def hidden_ids(ids_restore:Tensor, n_keep:int) -> Tensor:
+    "Indices (B, N-n_keep) of the hidden tokens, ascending: the tail of the shuffle that `ids_restore` inverts."
+    return ids_restore.argsort(1)[:, n_keep:]

@@ -10,7 +10,7 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 from einops import rearrange
 from .tokenizer import patchify, unpatchify
-from .masking import MASKS
+from .masking import MASKS, hidden_ids, take
 from .encoder import EchoFMConfig, Encoder
 from .decoder import Decoder, recon_loss, mask_to_video
 from .projector import Projector
@@ -70,12 +70,14 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
     c, x = self.cfg, self.normalize(video)                                      # (B,C,T,H,W)
     B = x.shape[0]
     ids_keep, mask, ids_restore = self.make_mask('tube' if c.objective == 'single_pass' else 'uniform', B, generator)
+    tubelets = patchify(x, c.tubelet, c.patch)                                  # (B, N, t*p*p*C): input and target
     if c.objective == 'two_pass':       # both passes in one batched encoder call: (2B, 1+T'l, D), split
         ids_tube = self.make_mask('tube', B, generator)[0]                      # pass 2's consistent mask
-        z, z_tube = self.encoder(x, torch.cat([ids_keep, ids_tube])).split(B)   # (B, 1+T'l, D) each
-    else: z = self.encoder(x, ids_keep)                                         # (B, 1+T'l, D)
-    pred = self.decoder(z, ids_restore)                                         # (B, N, t*p*p*C)
-    loss_rec = recon_loss(pred, patchify(x, c.tubelet, c.patch), mask, c.norm_pix_loss)   # Eq. 1
+        z, z_tube = self.encoder(x, torch.cat([ids_keep, ids_tube]), tubelets).split(B)   # (B, 1+T'l, D) each
+    else: z = self.encoder(x, ids_keep, tubelets)                               # (B, 1+T'l, D)
+    ids_hidden = hidden_ids(ids_restore, ids_keep.shape[1])                     # (B, N-n): what Eq. 1 reads
+    pred = self.decoder(z, ids_restore, ids_hidden)                             # (B, N-n, t*p*p*C)
+    loss_rec = recon_loss(pred, take(tubelets, ids_hidden), norm_pix=c.norm_pix_loss)   # Eq. 1
     if c.objective == 'mae':
         zero = loss_rec.detach() * 0
         return dict(loss=loss_rec, loss_rec=loss_rec, loss_con=zero, valid_frac=zero, d_pos=zero, d_neg=zero)

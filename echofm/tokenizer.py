@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn, Tensor
 from einops import rearrange
+from .gemm import linear
 
 # %% auto #0
 __all__ = ['patchify', 'unpatchify', 'TubeletEmbed', 'sincos_1d', 'sincos_2d', 'PosEmbed']
@@ -15,7 +16,8 @@ __all__ = ['patchify', 'unpatchify', 'TubeletEmbed', 'sincos_1d', 'sincos_2d', '
 # %% ../nbs/05_tokenizer.ipynb #7940b04d
 def patchify(x:Tensor, t:int=4, p:int=16) -> Tensor:
     "Video `x` (B,C,T,H,W) -> tubelets (B, T/t*H/p*W/p, t*p*p*C), time-major, pixels in 't p q c' order."
-    return rearrange(x, 'b c (nt t) (nh p) (nw q) -> b (nt nh nw) (t p q c)', t=t, p=p, q=p)
+    x = x.movedim(1, -1).contiguous()          # (B,T,H,W,C): channels last first (a no-op if they already are)
+    return rearrange(x, 'b (nt t) (nh p) (nw q) c -> b (nt nh nw) (t p q c)', t=t, p=p, q=p)
 
 def unpatchify(tokens:Tensor, shape, t:int=4, p:int=16) -> Tensor:
     "Tubelets (B,N,t*p*p*C) -> video (B,C,T,H,W) of `shape` (only C,T,H,W are read): the inverse of `patchify`."
@@ -31,8 +33,14 @@ class TubeletEmbed(nn.Module):
         t, p = cfg.tubelet, cfg.patch
         self.proj = nn.Conv3d(cfg.in_chans, dim or cfg.dim, kernel_size=(t, p, p), stride=(t, p, p))
 
-    def forward(self, x:Tensor) -> Tensor:
-        return rearrange(self.proj(x), 'b d nt nh nw -> b (nt nh nw) d')   # (B, N, D)
+    def forward(self, x:Tensor, ids:Tensor|None=None, tubelets:Tensor|None=None) -> Tensor:
+        "All N tokens (B,N,D); with `ids` (kB,n) only those tubelets, (kB,n,D), row r from clip r % B."
+        if ids is None: return rearrange(self.proj(x), 'b d nt nh nw -> b (nt nh nw) d')   # (B, N, D)
+        t, p = self.proj.kernel_size[:2]
+        if tubelets is None: tubelets = patchify(x, t, p)                       # (B, N, t*p*p*C)
+        clip = torch.arange(len(ids), device=ids.device)[:, None] % len(tubelets)   # (kB, 1)
+        E = rearrange(self.proj.weight, 'd c t p q -> d (t p q c)')              # the same E, in patchify's order
+        return linear(tubelets[clip, ids], E, self.proj.bias)                    # (kB, n, D)
 
 # %% ../nbs/05_tokenizer.ipynb #1190344c
 def sincos_1d(pos:Tensor, dim:int) -> Tensor:
