@@ -395,7 +395,7 @@ def plot_reconstruction(model, clip:torch.Tensor, path=None, n:int=4):
     return fig
 
 # %% ../nbs/12_pretrain.ipynb #d0f0f430
-DEFAULT_STEPS = 400                            # the no-argument CPU lesson (under 3 min on 2 idle cores)
+DEFAULT_STEPS = 400                            # the no-argument CPU lesson (about 1.6 min on 2 idle cores)
 BASE_LR = dict(tiny=3.2e-2, small=3.2e-2, base=1.5e-4, large=1.5e-4)
 
 def holdout_clip(cfg, seed:int=0) -> torch.Tensor:
