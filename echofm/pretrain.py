@@ -176,6 +176,7 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
           extra:dict|None=None,              # tensors/plain values to keep in the checkpoint (resumed runs keep theirs)
          ) -> dict:
     "Pretrain `model` on `data`; -> dict(step, rows (the metrics), checkpoint path, n_bad)."
+    joined = not dist.is_initialized()                                 # this call joins the process group (and leaves it)
     rank, world, device = setup_distributed(str(device))
     run_dir = Path(out) if out is not None else None
     out = run_dir if rank == 0 else None                               # only rank 0 writes
@@ -256,6 +257,9 @@ def train(model:nn.Module,                   # returns dict(loss, loss_rec, loss
     bar.close()
     st = state()
     if ckpt: save_checkpoint(st, ckpt); write_metrics(rows, out/'metrics.csv')
+    if world > 1:
+        dist.barrier()                               # no rank exits while another still writes the checkpoint
+        if joined: dist.destroy_process_group()      # and each leaves cleanly (gloo could abort a process torn down mid-talk)
     return dict(step=step, rows=rows, checkpoint=ckpt, n_bad=_bad_count(data), model=raw, extra=extra, world=world)
 
 # %% ../nbs/12_pretrain.ipynb #19268749
