@@ -69,7 +69,7 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
     "Losses of one training step on clips `video` (B,3,T,H,W) in [0,1]: dict(loss, loss_rec, loss_con, valid_frac, d_pos, d_neg)."
     c, x = self.cfg, self.normalize(video)                                      # (B,C,T,H,W)
     B = x.shape[0]
-    ids_keep, mask, ids_restore = self.make_mask('tube' if c.objective == 'single_pass' else 'uniform', B, generator)
+    ids_keep, _, ids_restore = self.make_mask('tube' if c.objective == 'single_pass' else 'uniform', B, generator)
     tubelets = patchify(x, c.tubelet, c.patch)                                  # (B, N, t*p*p*C): input and target
     if c.objective == 'two_pass':       # both passes in one batched encoder call: (2B, 1+T'l, D), split
         ids_tube = self.make_mask('tube', B, generator)[0]                      # pass 2's consistent mask
