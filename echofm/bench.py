@@ -11,7 +11,7 @@ import torch, torch.nn as nn
 from fastcore.script import call_parse, Param, store_true
 from .pretrain import make_optimizer, _autocast
 from .encoder import flop_count
-from .gemm import onednn_available, cpu_gemm, _lp
+from .gemm import onednn_available, cpu_gemm, gemm_rate
 
 # %% auto #0
 __all__ = ['count_flops', 'matmul_peaks', 'matmul_peak', 'make_step', 'time_step', 'periodic_clips', 'bench_model', 'machine',
@@ -22,21 +22,18 @@ def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
 
 def matmul_peaks(device='cpu', dtype=None, n:int|None=None, reps:int=5) -> dict:
-    "Measured FLOP/s of a large square matrix product per library: {'torch': mm} (+ {'onednn': ...} for fp32 on the CPU)."
+    "Measured FLOP/s of a large square product per library: {'mkl', 'onednn'} for fp32 on the CPU, else {'torch': mm}."
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == 'cuda' else torch.float32)
     n = n or (8192 if dev.type == 'cuda' else 2048)
+    if dev.type == 'cpu' and dtype == torch.float32:                  # echofm.gemm times both CPU libraries
+        return {lib: gemm_rate(lib, n, n, n, reps) for lib in ('mkl', 'onednn')[:1 + onednn_available()]}
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    libs = {'torch': lambda: torch.mm(a, b)}
-    if dev.type == 'cpu' and dtype == torch.float32 and onednn_available(): libs['onednn'] = lambda: _lp(a, b)
-    out = {}
-    for lib, f in libs.items():
-        best = float('inf')
-        for i in range(reps + 1):
-            _sync(dev); t = time.perf_counter(); f(); _sync(dev)
-            if i: best = min(best, time.perf_counter() - t)              # the first one warms up
-        out[lib] = 2 * n**3 / best
-    return out
+    best = float('inf')
+    for i in range(reps + 1):
+        _sync(dev); t = time.perf_counter(); torch.mm(a, b); _sync(dev)
+        if i: best = min(best, time.perf_counter() - t)                  # the first one warms up
+    return {'torch': 2 * n**3 / best}
 
 def matmul_peak(device='cpu', dtype=None, n:int|None=None, reps:int=5) -> float:
     "The device's measured matrix-product peak: the faster library's rate (fp32, n=2048 on the CPU; bf16, n=8192 on CUDA)."
