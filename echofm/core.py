@@ -11,8 +11,8 @@ import numpy as np
 from fastcore.script import call_parse, anno_parser, Param
 
 # %% auto #0
-__all__ = ['IN_TEST', 'COMMANDS', 'EchoDataError', 'EchoVideo', 'project_root', 'data_samples', 'main', 'nb_to_markdown',
-           'readme']
+__all__ = ['IN_TEST', 'COMMANDS', 'EchoDataError', 'EchoVideo', 'project_root', 'data_samples', 'get_device', 'main',
+           'nb_to_markdown', 'readme']
 
 # %% ../nbs/00_conventions.ipynb #add7efcf
 class EchoDataError(ValueError):
@@ -71,6 +71,15 @@ def project_root(start='.') -> Path:
 def data_samples() -> Path:
     "The `data_samples/` folder of the checkout (clips made by the phantom)."
     return project_root(Path(__file__).parent if '__file__' in globals() else '.')/'data_samples'
+
+# %% ../nbs/00_conventions.ipynb #a7d3e9c1
+def get_device(device:str='auto'):
+    "`torch.device` for `device`; 'auto' picks CUDA, then Apple's MPS, then the CPU (tested in `04b_prepare`)."
+    import torch
+    if device != 'auto': return torch.device(device)
+    if torch.cuda.is_available(): return torch.device('cuda')
+    mps = getattr(torch.backends, 'mps', None)
+    return torch.device('mps' if mps is not None and mps.is_available() else 'cpu')
 
 # %% ../nbs/00_conventions.ipynb #3da0d5c7
 COMMANDS = {  # name -> (module:function, one-line help)
