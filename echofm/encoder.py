@@ -19,7 +19,7 @@ from .masking import keep_count, take, tube_mask, uniform_frame_mask
 __all__ = ['PRESETS', 'EXTRA_FLOPS', 'EchoFMConfig', 'init_vit_', 'vit_blocks', 'Encoder', 'n_params', 'flop_count']
 
 # %% ../nbs/07_encoder.ipynb #81e6dc9e
-_CHOICES = dict(pos_embed=('learned', 'sincos'), objective=('two_pass', 'single_pass', 'mae'),
+_CHOICES = dict(pos_embed=('learned', 'sincos', 'sincos_joint'), objective=('two_pass', 'single_pass', 'mae'),
                 mining=('random', 'hard'), mining_space=('embedding', 'pixel'), sim=('l2', 'cosine'))
 
 @dataclass
@@ -44,7 +44,10 @@ class EchoFMConfig:
     proj_heads: int|None = None  # None -> heads
     # masking, embeddings, regularisation
     mask_ratio: float = 0.75     # rho
-    pos_embed: str = 'learned'   # 'learned' | 'sincos'
+    pos_embed: str = 'learned'   # 'learned' | 'sincos' | 'sincos_joint' (VideoMAE's, over all tokens)
+    cls_token: bool = True       # a learned [CLS] before the tokens (VideoMAE has none: row 0 then holds the token mean)
+    norm_eps: float = 1e-6       # LayerNorm eps of the encoder (VideoMAE in Hugging Face transformers: 1e-12)
+    final_norm: bool = True      # a LayerNorm after the last block (Hugging Face VideoMAEModel with mean pooling: none)
     norm_pix_loss: bool = False  # per-tubelet normalised reconstruction targets
     drop_path: float = 0.
     # objective (echofm.model)
@@ -99,11 +102,11 @@ def init_vit_(module:nn.Module) -> nn.Module:
         elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
     return module
 
-def vit_blocks(dim:int, depth:int, heads:int, mlp_ratio:float=4., drop_path:float=0.) -> nn.ModuleList:
-    "`depth` timm `Block`s (fused SDPA attention, qkv bias, LayerNorm eps 1e-6), drop-path rising linearly to `drop_path`."
+def vit_blocks(dim:int, depth:int, heads:int, mlp_ratio:float=4., drop_path:float=0., eps:float=1e-6) -> nn.ModuleList:
+    "`depth` timm `Block`s (fused SDPA attention, qkv bias, LayerNorm `eps`), drop-path rising linearly to `drop_path`."
     dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
     return fast_linear_(nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, drop_path=d,
-                                            norm_layer=partial(nn.LayerNorm, eps=1e-6)) for d in dpr))   # echofm.gemm
+                                            norm_layer=partial(nn.LayerNorm, eps=eps)) for d in dpr))   # echofm.gemm
 
 # %% ../nbs/07_encoder.ipynb #95fc63fd
 class Encoder(nn.Module):
@@ -113,19 +116,23 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = TubeletEmbed(cfg)
         self.pos = PosEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.blocks = vit_blocks(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
-        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
-        init_vit_(self); nn.init.normal_(self.cls_token, std=.02)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
+        self.blocks = vit_blocks(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path, cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        init_vit_(self)
+        if cfg.cls_token: nn.init.normal_(self.cls_token, std=.02)
 
     def forward(self, x:Tensor, ids_keep:Tensor|None=None, tubelets:Tensor|None=None) -> Tensor:
         "`tubelets`: `patchify(x)`, if the caller has it already."
         if ids_keep is None: z = self.patch_embed(x) + self.pos()     # (B, N, D): every token
         else: z = self.patch_embed(x, ids_keep, tubelets) + self.pos(ids_keep)   # (kB, n, D): only the visible ones
-        cls = (self.cls_token + self.pos.cls).expand(len(z), -1, -1)  # (kB, 1, D)
-        z = torch.cat([cls, z], 1)                                    # (kB, 1+n, D)
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.pos.cls).expand(len(z), -1, -1)  # (kB, 1, D)
+            z = torch.cat([cls, z], 1)                                    # (kB, 1+n, D)
         for blk in self.blocks: z = blk(z)
-        return self.norm(z)
+        z = self.norm(z)
+        if self.cls_token is None: z = torch.cat([z.mean(1, keepdim=True), z], 1)   # no [CLS] (VideoMAE): row 0 = token mean
+        return z
 
 # %% ../nbs/07_encoder.ipynb #d3e4b1e5
 def n_params(module:nn.Module, trainable:bool=False) -> int:

@@ -69,9 +69,14 @@ class PosEmbed(nn.Module):
             self.register_buffer('spatial', sincos_2d(nh, nw, D), persistent=False)
             self.register_buffer('temporal', sincos_1d(torch.arange(nt), D), persistent=False)
             self.register_buffer('cls', torch.zeros(1, D), persistent=False)
-        else: raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {kind!r}")
+        elif kind == 'sincos_joint':   # VideoMAE's: one 1-D code over all N tokens (time-major), sin and cos interleaved
+            code = sincos_1d(torch.arange(nt*nh*nw), D)                            # (N, D): [sin | cos]
+            self.register_buffer('joint', torch.stack(code.chunk(2, 1), -1).flatten(1), persistent=False)
+            self.register_buffer('cls', torch.zeros(1, D), persistent=False)
+        else: raise ValueError(f"pos_embed must be 'learned' or 'sincos' (or VideoMAE's 'sincos_joint'), got {kind!r}")
 
     def forward(self, ids:Tensor|None=None) -> Tensor:
         "Rows for token indices `ids` (B,n) -> (B,n,D); all N tokens, time-major, (1,N,D) when `ids` is None."
+        if hasattr(self, 'joint'): return self.joint[None] if ids is None else self.joint[ids]  # 'sincos_joint'
         if ids is None: return (self.temporal[:, None] + self.spatial[None]).flatten(0, 1)[None]   # (1, T'L, D)
         return self.temporal[ids // self.L] + self.spatial[ids % self.L]                          # (B, n, D)
