@@ -11,8 +11,8 @@ import numpy as np
 from fastcore.script import call_parse, anno_parser, Param
 
 # %% auto #0
-__all__ = ['IN_TEST', 'COMMANDS', 'EchoDataError', 'EchoVideo', 'project_root', 'data_samples', 'get_device', 'main',
-           'nb_to_markdown', 'readme']
+__all__ = ['IN_TEST', 'COMMANDS', 'EchoDataError', 'EchoVideo', 'project_root', 'data_samples', 'get_device', 'CommandStopped',
+           'main', 'nb_to_markdown', 'readme']
 
 # %% ../nbs/00_conventions.ipynb #add7efcf
 class EchoDataError(ValueError):
@@ -92,6 +92,10 @@ COMMANDS = {  # name -> (module:function, one-line help)
     'readme':   ('echofm.core:readme',       'write README.md from nbs/index.ipynb (offline)'),
 }
 
+class CommandStopped(Exception):
+    "A command stopped early but cleanly (e.g. on SIGINT / SIGTERM): `code` is its exit status, the message says how to go on."
+    def __init__(self, msg:str, code:int=1): super().__init__(msg); self.code = code
+
 def _resolve(name):
     mod, fn = COMMANDS[name][0].split(':')
     return getattr(importlib.import_module(mod), fn)
@@ -108,7 +112,8 @@ def main(argv=None):
         print(f"echofm {argv[0]}: not available in this version ({e})"); return 2
     f = getattr(f, '__wrapped__', f)
     args = anno_parser(f, prog=f"echofm {argv[0]}").parse_args(argv[1:])
-    f(**{k: v for k, v in vars(args).items() if k not in ('pdb', 'xtra')})
+    try: f(**{k: v for k, v in vars(args).items() if k not in ('pdb', 'xtra')})
+    except CommandStopped as e: print(f"echofm {argv[0]}: {e}", file=sys.stderr); return e.code
     return 0
 
 # %% ../nbs/00_conventions.ipynb #71bb7955
