@@ -120,9 +120,16 @@ def bench(preset:str='small',              # model size: tiny | small | base | l
           iters:int=10,                    # timed steps
           compile:store_true=False,        # torch.compile the model
           json_out:str=None,               # also write the results as JSON here
+          loader:store_true=False,         # time the data loader instead (echofm.prepare.bench_loader), on --data
+          data:str=None,                   # with --loader: a store made by `echofm prepare` (timed beside its source folder) or a video folder
+          num_workers:int=0,               # with --loader: DataLoader worker processes
          ) -> list:
     "Time EchoFM's pretraining step: ms/step, clips/s, peak memory, FLOPs/step, FLOP/s and MFU."
     from echofm.model import EchoFM, EchoFMConfig
+    if loader:                                           # clips of the preset's length, at the store's frame size
+        from echofm.prepare import bench_loader
+        if not data: raise ValueError("--loader needs --data DIR: a store made by `echofm prepare`, or a folder of videos")
+        return bench_loader(data, EchoFMConfig.preset(preset).n_frames, batch_size, num_workers, json_out=json_out)
     from echofm.pretrain import parse_overrides
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dev = torch.device(device)
