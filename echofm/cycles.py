@@ -15,8 +15,8 @@ from .core import EchoDataError, EchoVideo
 # %% auto #0
 __all__ = ['IRREGULAR_CV', 'ed_es_full_cycle', 'detect_r_peaks', 'r_peak_frames', 'beats', 'CycleEstimate', 'rhythm_cv',
            'cycle_from_ecg', 'frame_features', 'frame_distances', 'lag_profile', 'lag_range', 'period_from_profile',
-           'motion_curve', 'beat_lengths', 'cycle_from_images', 'estimate_cycle', 'pingpong_index', 'reverse_pad',
-           'ed_es_cycle', 'cycle_stride']
+           'motion_curve', 'beat_events', 'beat_lengths', 'censored_lengths', 'image_rhythm_cv', 'cycle_from_images',
+           'estimate_cycle', 'pingpong_index', 'reverse_pad', 'ed_es_cycle', 'cycle_stride']
 
 # %% ../nbs/03_cycles.ipynb #5c1bf12b
 def _beat_corr(x:np.ndarray, peaks:np.ndarray, fs:float) -> np.ndarray:
@@ -96,9 +96,9 @@ class CycleEstimate:
     cv: float = 0.                # the coefficient of variation behind `irregular`
 
 def rhythm_cv(lengths) -> float:
-    "Coefficient of variation of beat lengths (0 with fewer than 3 beats)."
+    "Coefficient of variation of beat lengths (0 with fewer than 2 beats)."
     l = np.asarray(lengths, dtype=float)
-    return 0. if len(l) < 3 else float(l.std() / l.mean())
+    return 0. if len(l) < 2 else float(l.std() / l.mean())
 
 # %% ../nbs/03_cycles.ipynb #2de2164d
 def cycle_from_ecg(ecg:np.ndarray, fs:float, fps:float, path='<ecg>') -> CycleEstimate:
@@ -155,23 +155,45 @@ def motion_curve(frames:np.ndarray, side:int=32) -> np.ndarray:
     lam, u = np.linalg.eigh(f @ f.T)                        # (T, T) Gram matrix: cheaper than an SVD of f
     return u[:, -1] * np.sqrt(max(lam[-1], 0.))
 
-def beat_lengths(s:np.ndarray, period:float) -> np.ndarray:
-    "Lengths (frames, fractional) of the successive beats of motion curve `s` with mean `period`."
-    best = (-np.inf, np.array([]))
+def beat_events(s:np.ndarray, period:float, min_sep:float=0.45, prominence:float=0.25, min_dist:int|None=None) -> tuple:
+    "(sharp, other): frame positions (fractional) of the extremes of motion curve `s`, sharper sign (end-systole) first."
+    out = []
     for x in (s, -s):
-        pk, _ = find_peaks(x, distance=max(1, int(0.5 * period)), prominence=0.3 * np.ptp(x))
-        if len(pk) < 2: continue
+        pk, _ = find_peaks(x, distance=max(1, min_dist or int(min_sep * period)), prominence=prominence * np.ptp(x) + 1e-12)
         k = max(1, int(round(0.1 * period)))
-        sharp = np.mean(x[pk] - (x[np.maximum(pk - k, 0)] + x[np.minimum(pk + k, len(x) - 1)]) / 2)
-        if sharp > best[0]: best = (sharp, np.diff([_parabolic(-x, p) for p in pk]))
-    return best[1]
+        sharp = np.mean(x[pk] - (x[np.maximum(pk - k, 0)] + x[np.minimum(pk + k, len(x) - 1)]) / 2) if len(pk) else -np.inf
+        out.append((sharp, np.array([_parabolic(-x, p) for p in pk])))
+    (_, a), (_, b) = sorted(out, key=lambda o: -o[0])
+    return a, b
+
+def beat_lengths(s:np.ndarray, period:float) -> np.ndarray:
+    "Lengths (frames, fractional) of the successive beats of motion curve `s` with mean `period`, sharp extreme to sharp extreme."
+    return np.diff(beat_events(s, period)[0])
+
+def censored_lengths(events:np.ndarray, x:np.ndarray, margin:float=1.1) -> np.ndarray:
+    "Lengths between the peaks `events` of curve `x`, plus a beat cut by either end that is already > `margin` x the longest."
+    l = np.diff(events)
+    if not len(l): return l
+    mid = (x[np.round(events).astype(int)].mean() + x.min()) / 2    # half-way between the troughs and the peaks
+    ends = [(events[0], x[0]), (len(x) - 1 - events[-1], x[-1])]    # a cut beat lasts at least this long...
+    return np.r_[l, [e for e, xe in ends if e > margin * l.max() and xe < mid]]   # ...unless a peak at the edge was missed
+
+def image_rhythm_cv(s:np.ndarray, period:float, fps:float|None=None) -> float:
+    "CV of the beat lengths of motion curve `s`: the larger of the ES-to-ES and the ED-to-ED lengths' CVs."
+    a, b = beat_events(s, period, min_dist=_min_dist(period, fps))
+    x = s if len(a) and s[np.round(a).astype(int)].mean() > s.mean() else -s     # the sign in which `a` are peaks
+    return max(rhythm_cv(censored_lengths(a, x)), rhythm_cv(censored_lengths(b, -x)))
+
+def _min_dist(period:float, fps:float|None) -> int:
+    "Fewest frames between two beats' extremes: 0.3 s (200 bpm) with a frame rate, else 0.3 of the period."
+    return max(2, int(0.3 * fps) if fps else int(0.3 * period))
 
 # %% ../nbs/03_cycles.ipynb #2f1ce4fa
 def cycle_from_images(frames:np.ndarray, fps:float|None=None, path='<video>') -> CycleEstimate:
     "`CycleEstimate` from the self-similarity of the frames (no ECG needed)."
     D = frame_distances(frames)
     P = period_from_profile(lag_profile(D), *lag_range(len(D), fps), path=path)
-    cv = rhythm_cv(beat_lengths(motion_curve(frames), P))
+    cv = image_rhythm_cv(motion_curve(frames), P, fps)
     return CycleEstimate(P, 60 * fps / P if fps else None, cv > IRREGULAR_CV, 'image', cv)
 
 def estimate_cycle(video:EchoVideo, use_ecg:bool=True) -> CycleEstimate:
