@@ -29,6 +29,7 @@ def _clip(item):
 
 def collate_clips(items) -> torch.Tensor|None:
     "Stack the clips of `items` into (B, 3, T, H, W), skipping `None` (unreadable) items."
+    if isinstance(items, torch.Tensor): return items          # a whole batch already (echofm.prepare.PreparedClips)
     clips = [c for c in map(_clip, items) if c is not None]
     return torch.stack(clips) if clips else None
 
@@ -40,6 +41,7 @@ def bad_count(ds) -> int:
 
 def batch_stream(ds, sampler:ResumableSampler, batch_size:int, start:int=0, num_workers:int=0, seed:int=0, device='cpu'):
     "Endless stream of batches (B, 3, T, H, W) of `ds` from micro-batch `start` on, epoch after epoch."
+    from echofm.prepare import to_float
     device = torch.device(device)
     per_epoch = sampler.num_samples // batch_size
     if per_epoch == 0: raise EchoDataError(getattr(ds, 'root', 'data'), f"{len(ds)} clips are fewer than one batch of "
@@ -51,7 +53,7 @@ def batch_stream(ds, sampler:ResumableSampler, batch_size:int, start:int=0, num_
                         drop_last=True, pin_memory=device.type == 'cuda', persistent_workers=False,
                         generator=torch.Generator().manual_seed(seed + epoch))
         for x in dl:
-            if x is not None: yield x.to(device, non_blocking=True)
+            if x is not None: yield to_float(x, device)   # uint8 batches become float on the device
         epoch, skip = epoch + 1, 0
 
 # %% ../nbs/12b_data.ipynb #f6d8ad4c
@@ -67,6 +69,7 @@ class CachedClips(Dataset):
 def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=64, cache_gib:float=2.) -> Dataset:
     "Clips for `--data`: a folder (searched recursively), 'synth:N' phantoms, or None: data_samples/ + phantoms."
     from echofm.clips import EchoFolder, PhantomClips
+    from echofm.prepare import is_store, PreparedClips
     from echofm.io import find_videos
     kw = dict(n_frames=n_frames, size=size)
     def synth(n):                                          # drawn on the fly, kept when they fit in `cache_gib`
@@ -77,4 +80,5 @@ def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=6
         return ConcatDataset(parts + [synth(phantoms)])
     if str(data).startswith('synth:'): return synth(int(str(data)[6:]))
     if not Path(data).exists(): raise FileNotFoundError(f"--data {data}: no such folder")
+    if is_store(data): return PreparedClips(data, **kw)      # made by `echofm prepare`
     return EchoFolder(data, **kw)

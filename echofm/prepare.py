@@ -154,7 +154,7 @@ def prepare(src:str,                  # folder of videos (DICOM, MP4, AVI, NIfTI
               f"({time.time() - t0:.1f} s); {len(bad)} unreadable files" + (f" listed in {dst/'bad_files.json'}" if bad else ''))
     return man
 
-# %% ../nbs/04b_prepare.ipynb #cbea4ccd
+# %% ../nbs/04b_prepare.ipynb #9be29053
 def open_store(path) -> dict:
     "The manifest of a complete store at `path`; a clear `EchoDataError` when it is incomplete, of another version, or not a store."
     path = Path(path); m = path/MANIFEST
@@ -171,14 +171,17 @@ def open_store(path) -> dict:
     return man
 
 def is_store(path) -> bool:
-    "True when `path` is a folder holding a store manifest (of any version)."
-    return (Path(path)/MANIFEST).exists()
+    "True when `path` is a store folder, complete or not, of any version (`open_store` says which)."
+    return (Path(path)/MANIFEST).exists() or (Path(path)/'params.json').exists()
 
-# %% ../nbs/04b_prepare.ipynb #bbcbbc0e
+# %% ../nbs/04b_prepare.ipynb #c60657a5
 class PreparedClips(Dataset):
     "uint8 clips (C, n_frames, S, S) from a prepared store; item i = a clip of video i, from a new random start each time."
-    def __init__(self, store, n_frames:int=32, cycles:float=1., short:str='reverse', seed:int|None=None):
+    def __init__(self, store, n_frames:int=32, size:int|None=None, cycles:float=1., short:str='reverse', seed:int|None=None):
         self.root, self.man = Path(store), open_store(store)
+        if size and size != self.man['size']:
+            raise EchoDataError(store, f"holds {self.man['size']}x{self.man['size']} frames, not {size}x{size}: "
+                                       f"`echofm prepare SRC DST --size {size}` makes a store for this model")
         self.n_frames, self.cycles, self.short, self.seed = n_frames, cycles, short, seed
         self.videos, self.shard_of = [], []
         for k, s in enumerate(self.man['shards']):
@@ -280,14 +283,14 @@ def loader_rate(ds, batch_size:int=8, num_workers:int=0, seconds:float=5., warmu
     return dict(clips=clips, seconds=wall, clips_per_s=per, clips_per_s_per_worker=per / max(1, num_workers),
                 clips_per_cpu_s=(clips + warmup * batch_size) / cpu, clip_mb=x[0].nelement() * x.element_size() / 1e6, dtype=str(x.dtype).replace('torch.', ''))
 
-# %% ../nbs/04b_prepare.ipynb #631b3c48
+# %% ../nbs/04b_prepare.ipynb #e3c82430
 def bench_loader(data, n_frames:int=32, batch_size:int=8, num_workers:int=0, seconds:float=5., raw:str|None='auto',
                  json_out=None, quiet:bool=False) -> dict:
     "Clips/s of a prepared store `data` and, side by side, of the raw folder it came from (`raw`: 'auto' = the store's source)."
     from echofm.clips import EchoFolder
     from echofm.bench import machine
     res, load0 = dict(machine=machine(), n_frames=n_frames, batch_size=batch_size, num_workers=num_workers), os.getloadavg()
-    if is_store(data) or (Path(data)/'params.json').exists():             # a store (open_store explains an unfinished one)
+    if is_store(data):                                                    # a store (open_store explains an unfinished one)
         ds = PreparedClips(data, n_frames)
         res['size'] = ds.size
         res['store'] = dict(path=str(data), **loader_rate(ds, batch_size, num_workers, seconds, collate_fn=collate_uint8))
