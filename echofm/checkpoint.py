@@ -10,7 +10,8 @@ import numpy as np
 import torch, torch.nn as nn
 
 # %% auto #0
-__all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'export_encoder', 'load_encoder']
+__all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'fit_weights', 'export_encoder', 'load_encoder',
+           'load_model']
 
 # %% ../nbs/12a_checkpoint.ipynb #68bb14e3
 def rng_state() -> dict:
@@ -41,6 +42,18 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 # %% ../nbs/12a_checkpoint.ipynb #1d8ec821
+def fit_weights(model:nn.Module, sd:dict, src) -> list:
+    "Load `sd` into `model` after checking every tensor fits (`EchoDataError` naming the first that does not); -> missing keys."
+    from echofm.core import EchoDataError
+    own = model.state_dict()
+    extra = [k for k in sd if k not in own]
+    if extra: raise EchoDataError(src, f"holds {extra[0]}, which this model does not have: another architecture")
+    for k in own:                                                  # in the model's order
+        if k in sd and sd[k].shape != own[k].shape:
+            raise EchoDataError(src, f"does not fit this model: {k} is {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+    model.load_state_dict(sd, strict=False)
+    return [k for k in own if k not in sd]
+
 def export_encoder(model, out) -> Path:
     "Write `out/encoder.safetensors` and `out/config.json`."
     from safetensors.torch import save_file
@@ -56,8 +69,30 @@ def load_encoder(model, path) -> nn.Module:
     if p.is_dir(): p = p/'encoder.safetensors' if (p/'encoder.safetensors').exists() else p/'checkpoint.pt'
     sd = load_file(p) if p.suffix == '.safetensors' else load_checkpoint(p).get('model', {})
     enc = {k[8:]: v for k, v in sd.items() if k.startswith('encoder.')} or sd
-    r = model.encoder.load_state_dict(enc, strict=False)
-    if len(r.missing_keys) == len(model.encoder.state_dict()):
+    if not set(enc) & set(model.encoder.state_dict()):
         raise ValueError(f"--init {path}: no encoder weights in it (keys like {list(sd)[:3]})")
-    if r.missing_keys: print(f"--init: {len(r.missing_keys)} encoder tensors not in {p.name}, left as initialised")
+    missing = fit_weights(model.encoder, enc, p)
+    if missing: print(f"--init: {len(missing)} encoder tensors not in {p.name}, left as initialised")
     return model
+
+# %% ../nbs/12a_checkpoint.ipynb #f1a2b3c2
+def load_model(path, map_location='cpu', cls=None) -> nn.Module:
+    "An `EchoFM` (or `cls`) with every weight that a run folder, `checkpoint.pt` or `encoder.safetensors` + `config.json` holds."
+    from echofm.core import EchoDataError
+    from echofm.model import EchoFM, EchoFMConfig
+    p = Path(path)
+    if p.is_dir(): p = p/'checkpoint.pt' if (p/'checkpoint.pt').exists() else p/'encoder.safetensors'
+    if not p.exists(): raise FileNotFoundError(f"{path}: no such file (a run folder, checkpoint.pt or encoder.safetensors)")
+    if p.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        if not (p.parent/'config.json').exists(): raise EchoDataError(p, "no config.json next to it to say which model it is")
+        cfg, sd = json.loads((p.parent/'config.json').read_text()), {f'encoder.{k}': v for k, v in load_file(p, device=str(map_location)).items()}
+    else:
+        ck = load_checkpoint(p, map_location)
+        if not ck.get('config') or 'model' not in ck: raise EchoDataError(p, "not an echofm checkpoint (no config or model in it)")
+        cfg, sd = ck['config'], ck['model']
+    names = {f.name for f in dataclasses.fields(EchoFMConfig)}
+    if set(cfg) - names: raise EchoDataError(p, f"its config has settings this echofm does not know: {sorted(set(cfg) - names)}")
+    model = (cls or EchoFM)(EchoFMConfig(**cfg))
+    fit_weights(model, sd, p)
+    return model.to(map_location)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_conventions.ipynb #973c8667
 from __future__ import annotations
-import os, sys, json, importlib
+import os, sys, json, inspect, importlib, subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -12,7 +12,7 @@ from fastcore.script import call_parse, anno_parser, Param
 
 # %% auto #0
 __all__ = ['IN_TEST', 'COMMANDS', 'EchoDataError', 'EchoVideo', 'project_root', 'data_samples', 'get_device', 'CommandStopped',
-           'main', 'nb_to_markdown', 'readme']
+           'available_commands', 'exit_code', 'run_command', 'main', 'command', 'nb_to_markdown', 'readme']
 
 # %% ../nbs/00_conventions.ipynb #add7efcf
 class EchoDataError(ValueError):
@@ -82,13 +82,15 @@ def get_device(device:str='auto'):
     return torch.device('mps' if mps is not None and mps.is_available() else 'cpu')
 
 # %% ../nbs/00_conventions.ipynb #3da0d5c7
-COMMANDS = {  # name -> (module:function, one-line help)
+COMMANDS = {  # name -> (module:function, one-line help); listed only when the function can be imported
     'pretrain': ('echofm.pretrain:pretrain', 'pretrain EchoFM (the main job; no arguments: tiny model, CPU, data_samples/)'),
     'bench':    ('echofm.bench:bench',       'time the pretraining step: ms/step, clips/s, memory, FLOPs, MFU'),
     'synth':    ('echofm.synth:synth_cli',   'write phantom echo clips (and regenerate data_samples/)'),
-    'embed':    ('echofm.phase:embed',       'embed videos: phase, ED/ES, cycle length, retrieval (planned)'),
-    'finetune': ('echofm.finetune:finetune', 'fine-tune a pretrained encoder on a downstream task (planned)'),
-    'evaluate': ('echofm.finetune:evaluate', 'evaluate a fine-tuned model (planned)'),
+    'prepare':  ('echofm.prepare:prepare',   'prepare a public echo dataset for pretraining and fine-tuning'),
+    'embed':    ('echofm.phase:embed',       'embed videos: phase, ED/ES, cycle length, retrieval'),
+    'finetune': ('echofm.finetune:finetune', 'fine-tune a pretrained encoder on a downstream task'),
+    'evaluate': ('echofm.finetune:evaluate', 'evaluate a fine-tuned model'),
+    'study':    ('echofm.study:study',       "the paper's claims at small scale"),
     'readme':   ('echofm.core:readme',       'write README.md from nbs/index.ipynb (offline)'),
 }
 
@@ -96,25 +98,83 @@ class CommandStopped(Exception):
     "A command stopped early but cleanly (e.g. on SIGINT / SIGTERM): `code` is its exit status, the message says how to go on."
     def __init__(self, msg:str, code:int=1): super().__init__(msg); self.code = code
 
-def _resolve(name):
+def _resolve(name:str):
+    "The function of command `name` (ImportError or AttributeError when this installation lacks it)."
     mod, fn = COMMANDS[name][0].split(':')
     return getattr(importlib.import_module(mod), fn)
 
-def main(argv=None):
+def available_commands() -> list:
+    "The commands whose function can be imported here."
+    ok = []
+    for k in COMMANDS:
+        try: _resolve(k); ok.append(k)
+        except (ImportError, AttributeError): pass
+    return ok
+
+# %% ../nbs/00_conventions.ipynb #c0ffee01
+def exit_code(e:BaseException) -> int:
+    "The exit status for an exception that ends a command: 2 bad argument, 1 bad data or anything else."
+    if isinstance(e, CommandStopped): return e.code
+    if isinstance(e, KeyboardInterrupt): return 130
+    if isinstance(e, EchoDataError): return 1
+    return 2 if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError)) else 1
+
+def _say(name:str, e:BaseException) -> str:
+    if isinstance(e, CommandStopped): return f"echofm {name}: {e}"
+    if isinstance(e, KeyboardInterrupt): return f"echofm {name}: interrupted"
+    msg = ' '.join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ValueError, OSError)): return f"echofm {name}: error: {msg}"
+    return f"echofm {name}: error: {type(e).__name__}: {msg} (a bug? --debug shows where)"
+
+def run_command(name:str, f, argv:list) -> int:
+    "Parse `argv` for command `f` and run it under echofm's error contract; -> the exit status."
+    argv = list(argv)
+    debug = '--debug' in argv or os.environ.get('ECHOFM_DEBUG', '') not in ('', '0')
+    argv = [a for a in argv if a != '--debug']
+    f = getattr(f, '__wrapped__', f)
+    p = anno_parser(f, prog=f"echofm {name}")
+    p.epilog = "--debug (or ECHOFM_DEBUG=1): show the traceback of an error"
+    def error(msg): print(f"echofm {name}: error: {msg} (see echofm {name} --help)", file=sys.stderr); sys.exit(2)
+    p.error = error
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if k not in ('pdb', 'xtra')}
+    try: f(**args)
+    except (Exception, KeyboardInterrupt) as e:
+        if debug and not isinstance(e, CommandStopped): raise
+        print(_say(name, e), file=sys.stderr, flush=True)
+        return exit_code(e)
+    return 0
+
+def main(argv=None) -> int:
     "Entry point of the `echofm` console script: `echofm CMD [options]`."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ('-h', '--help') or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ('-h', '--help'):
         print("usage: echofm CMD [options]   (echofm CMD --help for the options)\n\ncommands:")
-        for k, (_, h) in COMMANDS.items(): print(f"  {k:<9} {h}")
-        return 0 if not argv or argv[0] in ('-h', '--help') else 2
-    try: f = _resolve(argv[0])
+        for k in available_commands(): print(f"  {k:<9} {COMMANDS[k][1]}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"echofm: error: unknown command {name!r} (echofm --help lists them)", file=sys.stderr); return 2
+    try: f = _resolve(name)
     except (ImportError, AttributeError) as e:
-        print(f"echofm {argv[0]}: not available in this version ({e})"); return 2
-    f = getattr(f, '__wrapped__', f)
-    args = anno_parser(f, prog=f"echofm {argv[0]}").parse_args(argv[1:])
-    try: f(**{k: v for k, v in vars(args).items() if k not in ('pdb', 'xtra')})
-    except CommandStopped as e: print(f"echofm {argv[0]}: {e}", file=sys.stderr); return e.code
-    return 0
+        print(f"echofm {name}: error: not available in this installation ({e})", file=sys.stderr); return 2
+    return run_command(name, f, argv[1:])
+
+def command(func):
+    "`call_parse` for an echofm command; run as a module (`python -m echofm.MOD`) it goes through `run_command` too."
+    frame, f = inspect.currentframe().f_back, call_parse(func)
+    g = frame.f_globals
+    if g.get('__name__') == '__main__' and g.get('__file__') and frame.f_locals is g:   # the module is the script
+        g[func.__name__] = f
+        name = next((k for k, (t, _) in COMMANDS.items() if t.endswith(':' + func.__name__)), func.__name__)
+        sys.exit(run_command(name, func, sys.argv[1:]))
+    return f
+
+# %% ../nbs/00_conventions.ipynb #c0ffee03
+def _cli(*args, env:dict|None=None, timeout:float=600, **kw) -> subprocess.CompletedProcess:
+    "Run `echofm ARGS` in a new Python process (output captured as text); for tests."
+    code = "import sys; from echofm.core import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, **kw)
 
 # %% ../nbs/00_conventions.ipynb #71bb7955
 def nb_to_markdown(nb:dict) -> str:
@@ -138,4 +198,5 @@ def readme(nb:str='nbs/index.ipynb',  # notebook to render, relative to the proj
     root = project_root()
     md = nb_to_markdown(json.loads((root/nb).read_text(encoding='utf-8')))
     (root/out).write_text(md, encoding='utf-8')
+    print(f"echofm readme: wrote {root/out} ({len(md.splitlines())} lines) from {nb}")
     return md

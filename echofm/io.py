@@ -314,6 +314,9 @@ def _dicom_pixels(ds, path) -> np.ndarray:
     if pi == 'MONOCHROME1': a = 255 - a             # MONOCHROME1: 0 is white
     return as_frames(a, path)
 
+_MODALITIES = dict(CT='computed tomography', MR='magnetic resonance', PT='PET', NM='nuclear medicine', CR='radiograph',
+                   DX='radiograph', MG='mammogram', XA='X-ray angiography', RF='fluoroscopy', ES='endoscopy', SM='microscopy')
+
 def load_dicom(path) -> EchoVideo:
     "Read a DICOM (multi-frame) image: RGB frames, fps, spacing (mm) and the ECG waveform when present."
     path = Path(path)
@@ -324,6 +327,9 @@ def load_dicom(path) -> EchoVideo:
     eof = [str(w.message) for w in caught if 'End of file' in str(w.message)]
     if eof: raise EchoDataError(path, f"truncated: {eof[0]}")
     if 'PixelData' not in ds: raise EchoDataError(path, "the DICOM file holds no pixel data")
+    modality = str(ds.get('Modality', '') or '').upper()
+    if modality and modality not in ('US', 'IVUS', 'OT'):        # OT: 'other', e.g. an exported screen capture
+        raise EchoDataError(path, f"Modality {modality} ({_MODALITIES.get(modality, 'not ultrasound')}): not an echocardiogram")
     frames = _dicom_pixels(ds, path)
     ecg, fs = dicom_ecg(ds)
     meta = dict(path=str(path), format='dicom', transfer_syntax=str(ds.file_meta.TransferSyntaxUID),

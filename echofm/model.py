@@ -128,3 +128,10 @@ def param_groups(self:EchoFM, weight_decay:float=0.05) -> list[dict]:
     ps = [p for p in self.parameters() if p.requires_grad]
     return [dict(params=[p for p in ps if id(p) in mats], weight_decay=weight_decay),
             dict(params=[p for p in ps if id(p) not in mats], weight_decay=0.)]
+
+# %% ../nbs/11_model.ipynb #f1a2b3c4
+@patch(cls_method=True)
+def from_pretrained(cls:EchoFM, path, map_location='cpu') -> EchoFM:
+    "The model a run folder, `checkpoint.pt` or `encoder.safetensors` + `config.json` holds (`echofm.checkpoint.load_model`, notebook 12a)."
+    from echofm.checkpoint import load_model
+    return load_model(path, map_location, cls=cls)

@@ -79,4 +79,6 @@ class PosEmbed(nn.Module):
         "Rows for token indices `ids` (B,n) -> (B,n,D); all N tokens, time-major, (1,N,D) when `ids` is None."
         if hasattr(self, 'joint'): return self.joint[None] if ids is None else self.joint[ids]  # 'sincos_joint'
         if ids is None: return (self.temporal[:, None] + self.spatial[None]).flatten(0, 1)[None]   # (1, T'L, D)
-        return self.temporal[ids // self.L] + self.spatial[ids % self.L]                          # (B, n, D)
+        t = nn.functional.one_hot(ids // self.L, self.T).to(self.temporal.dtype)             # (B, n, T'): rows of the identity
+        s = nn.functional.one_hot(ids % self.L, self.L).to(self.spatial.dtype)               # (B, n, L)
+        return t @ self.temporal + s @ self.spatial   # (B, n, D); as products, the backward sums in a fixed order (no scatter-add)
