@@ -454,7 +454,7 @@ def _smooth_noise(shape, sigma, rng):
     if f > 1: z = ndimage.zoom(z, f, order=1)[:shape[0], :shape[1]]
     return z/z.std()
 
-@dataclass
+@dataclass(kw_only=True)
 class Texture:
     "The reference anatomy on a material grid: echogenicity `E`, speckle `S`, labels `M`; grid origin and step (mm)."
     E: np.ndarray                            # echogenicity (float32)
@@ -611,8 +611,8 @@ def rgb_doppler(vr, turb):
     rgb = np.stack([np.where(va > 0, hi, 0.), np.clip(1.4*m - 0.7, 0, 1) + 0.6*turb, np.where(va < 0, hi, 0.)], -1)
     return np.clip(rgb, 0, 1), (m > 0.12) | (turb > 0.25)
 
-# %% ../nbs/01_synth.ipynb #6d948a75
-@dataclass
+# %% ../nbs/01_synth.ipynb #23008c66
+@dataclass(kw_only=True)
 class Scene:
     "Everything about one clip that does not change from frame to frame."
     view: str
@@ -629,7 +629,7 @@ class Scene:
     wins: list                               # pixel windows of the moving parts
     lwins: list                              # pixel windows of the leaflets
 
-@dataclass
+@dataclass(kw_only=True)
 class Beat:
     "The cardiac state of a chunk of frames: volume, filling rate, time since R, RR and systole, valve openings."
     v: np.ndarray                            # normalised LV volume
@@ -638,7 +638,10 @@ class Beat:
     rr: np.ndarray                           # that beat's RR (s)
     ts: np.ndarray                           # that beat's systole (s)
     opening: dict                            # valve name -> opening in [0,1]
-    def __getitem__(self, sl): return Beat(*(getattr(self, f.name)[sl] for f in fields(self)[:-1]), {k: o[sl] for k, o in self.opening.items()})
+    def __getitem__(self, sl):
+        "The frames `sl` of this beat state."
+        return Beat(v=self.v[sl], rate=self.rate[sl], tau=self.tau[sl], rr=self.rr[sl], ts=self.ts[sl],
+                    opening={k: o[sl] for k, o in self.opening.items()})
 
 def normal_flow(sc:Scene, M, E, beat:Beat, tn):
     "Beam-wise velocity of the normal LV inflow (diastole, positive rate) and outflow (systole) along the LV axis."
@@ -741,7 +744,8 @@ def _scene(view, heart, probe, size, psax_level, rng) -> Scene:
     gain, clutter = beam_gain(r, th, probe), near_field(r, th, probe, rng)
     wins = [_window(xc, m.bbox) for m in anat.movers]
     lwins = [_window(xc, lf.bbox) for lf in anat.leaflets]
-    return Scene(view, heart, probe, anat, tex, xc, r, th, fan, gain.astype(np.float32), clutter.astype(np.float32), wins, lwins)
+    return Scene(view=view, heart=heart, probe=probe, anat=anat, tex=tex, xc=xc, r=r, th=th, fan=fan,
+                 gain=gain.astype(np.float32), clutter=clutter.astype(np.float32), wins=wins, lwins=lwins)
 
 def _beat(t, r_times, atrial:bool) -> Beat:
     "Volume, filling/ejection rate (peak 1) and valve openings at frame times `t`."
@@ -749,8 +753,9 @@ def _beat(t, r_times, atrial:bool) -> Beat:
     tf = np.arange(t[0] - 0.1, t[-1] + 0.1, 0.002)
     rate = (lv_volume(t + 1e-3, r_times, atrial) - lv_volume(t - 1e-3, r_times, atrial))/2e-3
     rate /= np.abs(np.diff(lv_volume(tf, r_times, atrial))/0.002).max()       # filling (+) / ejection (-) rate, peak 1
+    tau, rr, ts = cycle_position(t, r_times)
     aortic = np.clip(-rate/0.25, 0, 1)
-    return Beat(v, rate, *cycle_position(t, r_times), dict(mitral=np.clip(rate/0.35, 0, 1), aortic=aortic, aortic_sax=aortic))
+    return Beat(v=v, rate=rate, tau=tau, rr=rr, ts=ts, opening=dict(mitral=np.clip(rate/0.35, 0, 1), aortic=aortic, aortic_sax=aortic))
 
 def _video(frames, masks, sc:Scene, r_times, ecg, fps, o, doppler, seed) -> EchoVideo:
     "Wrap frames and masks with the ground truth: R-peak, ED and ES frames, EF, labels and meta."
