@@ -38,7 +38,7 @@ class Decoder(nn.Module):
         x = take(torch.cat([z[:, 1:], miss], 1), ids_restore)         # (B, N, E), time-major
         x = torch.cat([z[:, :1] + self.pos.cls, x + self.pos()], 1)   # (B, 1+N, E)
         for blk in self.blocks: x = blk(x)
-        x = x[:, 1:] if ids_pred is None else take(x[:, 1:], ids_pred)  # (B, N or n, E), [CLS] dropped
+        x = x[:, 1:] if ids_pred is None else take(x, ids_pred + 1)     # (B, N or n, E), [CLS] dropped
         return self.head(self.norm(x))                                # (B, N or n, t*p*p*C)
 
 # %% ../nbs/08_decoder.ipynb #c80e1183
@@ -46,8 +46,9 @@ def recon_loss(pred:Tensor, target:Tensor, mask:Tensor|None=None, norm_pix:bool=
     "Eq. 1: mean squared error over the hidden tubelets (`mask` (B,N) 1=hidden; None: all given are hidden); `target` = patchify(video)."
     if target.shape != pred.shape: raise ValueError(f"target {tuple(target.shape)} must be patchified like pred {tuple(pred.shape)}")
     if norm_pix:
-        mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        target = (target - mu) / (var + 1e-6).sqrt()
+        d = target - target.mean(-1, keepdim=True)                # deviations from each tubelet's mean
+        var = d.pow(2).sum(-1, keepdim=True) / (d.shape[-1] - 1)  # unbiased variance, as torch.var
+        target = d * (var + 1e-6).rsqrt()
     if mask is None: return F.mse_loss(pred, target)              # pred and target hold the hidden tubelets only
     per_tubelet = (pred - target).pow(2).mean(-1)                 # (B, N)
     return (per_tubelet * mask).sum() / mask.sum().clamp_min(1)

@@ -9,7 +9,7 @@ from torch import Tensor
 from einops import rearrange
 
 # %% auto #0
-__all__ = ['MASKS', 'keep_count', 'random_mask', 'uniform_frame_mask', 'tube_mask', 'take', 'hidden_ids']
+__all__ = ['MASKS', 'keep_count', 'random_mask', 'uniform_frame_mask', 'tube_mask', 'take', 'hidden_ids', 'validate_mask']
 
 # %% ../nbs/06_masking.ipynb #0aa4d7ee
 def keep_count(L:int, ratio:float) -> int:
@@ -59,10 +59,22 @@ MASKS = {'random': random_mask, 'uniform': uniform_frame_mask, 'tube': tube_mask
 
 # %% ../nbs/06_masking.ipynb #7b6935cf
 def take(x:Tensor, ids:Tensor) -> Tensor:
-    "Rows `ids` (B,n) of `x` (B,N,...) along dim 1 -> (B,n,...), with `torch.gather` (no boolean indexing)."
-    idx = ids.reshape(*ids.shape, *[1]*(x.dim()-2)).expand(*ids.shape, *x.shape[2:])
-    return torch.gather(x, 1, idx)
+    "Rows `ids` (B,n) of `x` (B,N,...) along dim 1 -> (B,n,...): one `index_select` of whole rows (no boolean indexing)."
+    B, N = x.shape[:2]
+    flat = (ids + N * torch.arange(B, device=ids.device)[:, None]).flatten()   # (B*n,): row b*N + ids[b, k]
+    return x.flatten(0, 1).index_select(0, flat).view(*ids.shape, *x.shape[2:])
 
 def hidden_ids(ids_restore:Tensor, n_keep:int) -> Tensor:
     "Indices (B, N-n_keep) of the hidden tokens, ascending: the tail of the shuffle that `ids_restore` inverts."
     return ids_restore.argsort(1)[:, n_keep:]
+
+# %% ../nbs/06_masking.ipynb #b3c1e0a1
+def validate_mask(ids_keep:Tensor, mask:Tensor, ids_restore:Tensor):
+    "Raise ValueError unless `ids_keep` is distinct and ascending, `mask` is 0 exactly there, and `ids_restore` inverts the shuffle."
+    B, N = mask.shape
+    if not (ids_keep.diff(dim=1) > 0).all(): raise ValueError("ids_keep must be distinct and ascending")
+    if not (take(mask, ids_keep) == 0).all() or mask.sum(1).ne(N - ids_keep.shape[1]).any():
+        raise ValueError("mask must be 0 exactly at ids_keep and 1 elsewhere")
+    shuffle = torch.cat([ids_keep, hidden_ids(ids_restore, ids_keep.shape[1])], 1)       # (B, N)
+    if not torch.equal(take(shuffle, ids_restore), torch.arange(N, device=mask.device).expand(B, N)):
+        raise ValueError("ids_restore is not the inverse of the permutation cat(ids_keep, ids_hidden)")
