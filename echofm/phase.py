@@ -10,7 +10,7 @@ import numpy as np
 import torch, torch.nn.functional as F
 from scipy.signal import find_peaks
 from fastcore.script import Param, store_true
-from .core import EchoDataError, EchoVideo, command
+from .core import EchoDataError, EchoVideo, command, get_device
 from .cycles import (estimate_cycle, frame_features, frame_distances, lag_profile, lag_range, period_from_profile,
                            motion_curve, beat_events, image_rhythm_cv, rhythm_cv, IRREGULAR_CV, detect_r_peaks, _min_dist)
 
@@ -150,12 +150,12 @@ def _names(paths) -> list:
 def embed(video:Param("video files (any format load_video reads: DICOM, MP4/AVI, NIfTI, NPZ ...)", str, nargs='+'),
           init:str=None,          # model: echofm run folder / checkpoint / encoder.safetensors, or a published checkpoint; default: images only
           out:str='embed_out',    # folder for <stem>.json and <stem>.png
-          device:str='cpu',       # cpu | cuda | mps
+          device:str='auto',      # auto (CUDA, then Apple's MPS, then the CPU) | cpu | cuda | mps
           quiet:store_true=False):  # print nothing but errors
     "Phase of each video: cycle length, heart rate, ED/ES frames, irregular rhythm, same-phase frames (JSON + figure)."
     from echofm.io import load_video
     import matplotlib; matplotlib.use('Agg')
-    model = None if init is None else load_model(init, device)
+    model = None if init is None else load_model(init, get_device(device))
     outdir = Path(out); outdir.mkdir(parents=True, exist_ok=True)
     failed, done = [], {}
     for p, stem in zip(video, _names(video)):
