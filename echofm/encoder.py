@@ -56,8 +56,9 @@ class EchoFMConfig:
     margin: float = 0.5          # alpha of the triplet loss
     adjacent: int = 1            # slices this close to the anchor are never negatives
     mining: str = 'random'       # 'random' | 'hard'
-    mining_space: str = 'embedding'  # 'embedding' | 'pixel'
+    mining_space: str = 'pixel'  # 'pixel' (echofm) | 'embedding' (paper: the model's own S)
     sim: str = 'l2'              # 'l2' (paper) | 'cosine'
+    slice_norm: bool = True      # L2-normalise z_cls, distances in [0, 2] (echofm); False: raw (paper)
 
     def __post_init__(self):
         for k, ok in _CHOICES.items():

@@ -5,7 +5,7 @@
 # %% ../nbs/11_model.ipynb #86091a68
 from __future__ import annotations
 import dataclasses
-import torch
+import torch, torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn, Tensor
 from einops import rearrange
@@ -17,13 +17,14 @@ from .projector import Projector
 from .similarity import self_similarity, triplet_masks, triplet_loss
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'EchoFM', 'EchoFMConfig']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PAPER_PCL', 'EchoFM', 'EchoFMConfig']
 
 # %% ../nbs/11_model.ipynb #5a1463ff
 _all_ = ['EchoFMConfig']   # re-exported: `from echofm.model import EchoFM, EchoFMConfig`
 
 # %% ../nbs/11_model.ipynb #1e786cd6
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PAPER_PCL = dict(mining_space='embedding', slice_norm=False)   # the paper's PCL as printed (echofm's defaults differ: 20_probe)
 
 class EchoFM(nn.Module):
     "EchoFM: ViT encoder, MAE decoder and per-slice projector; `forward(video)` -> dict of the losses of Eqs. 1-4."
@@ -34,8 +35,8 @@ class EchoFM(nn.Module):
         self.encoder, self.decoder, self.projector = Encoder(cfg), Decoder(cfg), Projector(cfg)
         if cfg.objective == 'mae': self.projector.requires_grad_(False)
         stat = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.register_buffer('mean', stat(getattr(cfg, 'mean', IMAGENET_MEAN)), persistent=False)
-        self.register_buffer('std', stat(getattr(cfg, 'std', IMAGENET_STD)), persistent=False)
+        self.register_buffer('mean', stat(IMAGENET_MEAN), persistent=False)
+        self.register_buffer('std', stat(IMAGENET_STD), persistent=False)
 
     def normalize(self, video:Tensor) -> Tensor: return (video - self.mean) / self.std     # (B,C,T,H,W)
     def denormalize(self, x:Tensor) -> Tensor: return x * self.std + self.mean
@@ -49,7 +50,8 @@ class EchoFM(nn.Module):
 
     def slice_embed(self, z:Tensor) -> Tensor:
         "Encoder output (B, 1+T'l, D) with a uniform or tube mask -> per-slice [CLS] embeddings z_cls (B, T', D)."
-        return self.projector(z[:, 1:], self.cfg.n_slices)
+        z_cls = self.projector(z[:, 1:], self.cfg.n_slices)
+        return F.normalize(z_cls, dim=-1) if self.cfg.slice_norm else z_cls   # slice_norm: on the unit sphere
 
 # %% ../nbs/11_model.ipynb #c9bac006
 @patch
@@ -66,7 +68,7 @@ def mining_similarity(self:EchoFM, x:Tensor, z:Tensor|None=None, z_cls:Tensor|No
 # %% ../nbs/11_model.ipynb #5fc251db
 @patch
 def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
-    "Losses of one training step on clips `video` (B,3,T,H,W) in [0,1]: dict(loss, loss_rec, loss_con, valid_frac, d_pos, d_neg)."
+    "Losses of one training step on clips `video` (B,3,T,H,W) in [0,1]: dict(loss, loss_rec, loss_con, valid_frac, d_pos, d_neg[, spread])."
     c, x = self.cfg, self.normalize(video)                                      # (B,C,T,H,W)
     B = x.shape[0]
     ids_keep, _, ids_restore = self.make_mask('tube' if c.objective == 'single_pass' else 'uniform', B, generator)
@@ -89,7 +91,8 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
         z_cls = self.slice_embed(z_tube)                                        # pass 2 (tube): (B, T', D)
     pos, neg = triplet_masks(S, c.adjacent)                                     # (B, T', T') bool
     loss_con, st = triplet_loss(z_cls, pos, neg, c.margin, c.mining, generator, c.sim, S=S)   # Eq. 3
-    return dict(loss=loss_rec + c.lambda_c * loss_con, loss_rec=loss_rec, loss_con=loss_con, **st)
+    spread = self_similarity(z_cls.detach(), c.sim).sum((-2, -1)).mean() / (c.n_slices * (c.n_slices - 1))   # mean S_ij, i != j
+    return dict(loss=loss_rec + c.lambda_c * loss_con, loss_rec=loss_rec, loss_con=loss_con, **st, spread=spread)
 
 # %% ../nbs/11_model.ipynb #a28daabf
 @patch

@@ -9,26 +9,25 @@ from torch import Tensor
 from .masking import take
 
 # %% auto #0
-__all__ = ['METRICS', 'self_similarity', 'pair_dist', 'triplet_masks', 'toy_periodic', 'show_triplets', 'sample_triplets',
-           'triplet_loss']
+__all__ = ['SIMS', 'self_similarity', 'pair_dist', 'triplet_masks', 'sample_triplets', 'triplet_loss']
 
 # %% ../nbs/10_similarity.ipynb #9363308d
-METRICS = ('l2', 'cosine')
+SIMS = ('l2', 'cosine')
 
-def _check_metric(metric):
-    if metric not in METRICS: raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+def _check_sim(sim):
+    if sim not in SIMS: raise ValueError(f"sim must be one of {SIMS}, got {sim!r}")
 
-def self_similarity(z:Tensor, metric:str='l2') -> Tensor:
+def self_similarity(z:Tensor, sim:str='l2') -> Tensor:
     "Pairwise distances (B,T,T) between the slice embeddings `z` (B,T,D): L2 (Eq. 2) or cosine distance."
-    _check_metric(metric)
-    if metric == 'l2': return torch.cdist(z, z, compute_mode='donot_use_mm_for_euclid_dist')
+    _check_sim(sim)
+    if sim == 'l2': return torch.cdist(z, z, compute_mode='donot_use_mm_for_euclid_dist')
     zn = F.normalize(z, dim=-1)
     return (1 - zn @ zn.transpose(-1, -2)).clamp_min(0)   # (B,T,T)
 
-def pair_dist(a:Tensor, b:Tensor, metric:str='l2') -> Tensor:
-    "Distance between matching rows of `a` and `b` (...,D) -> (...), the same `metric` as `self_similarity`."
-    _check_metric(metric)
-    if metric == 'l2': return (a - b).norm(dim=-1)
+def pair_dist(a:Tensor, b:Tensor, sim:str='l2') -> Tensor:
+    "Distance between matching rows of `a` and `b` (...,D) -> (...), the same `sim` as `self_similarity`."
+    _check_sim(sim)
+    if sim == 'l2': return (a - b).norm(dim=-1)
     return 1 - F.cosine_similarity(a, b, dim=-1)
 
 # %% ../nbs/10_similarity.ipynb #bbd8a45a
@@ -44,7 +43,7 @@ def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5) -> tuple[Tensor, Te
     return pos, neg
 
 # %% ../nbs/10_similarity.ipynb #0d8bc018
-def toy_periodic(B:int=1, T:int=24, period:float=8., D:int=16, noise:float=0.05, generator=None) -> Tensor:
+def _toy_periodic(B:int=1, T:int=24, period:float=8., D:int=16, noise:float=0.05, generator=None) -> Tensor:
     "Toy slice embeddings (B,T,D): the phase 2*pi*t/period on a circle in the first two dims, plus Gaussian noise."
     t = torch.arange(T, dtype=torch.float32)
     phase = 2 * torch.pi * t / period
@@ -53,7 +52,7 @@ def toy_periodic(B:int=1, T:int=24, period:float=8., D:int=16, noise:float=0.05,
     return z + noise * torch.randn(B, T, D, generator=generator)
 
 # %% ../nbs/10_similarity.ipynb #cb121781
-def show_triplets(S:Tensor, pos:Tensor, neg:Tensor, a:int, ax=None, title:str=''):
+def _show_triplets(S:Tensor, pos:Tensor, neg:Tensor, a:int, ax=None, title:str=''):
     "Plot S (T,T) with the positives (green dots) and negatives (red crosses) of anchor row `a` marked."
     import matplotlib.pyplot as plt
     ax = ax or plt.gca()
@@ -85,12 +84,12 @@ def sample_triplets(S:Tensor, pos:Tensor, neg:Tensor, mode:str='random', generat
 
 # %% ../nbs/10_similarity.ipynb #31cdea45
 def triplet_loss(z:Tensor, pos:Tensor, neg:Tensor, margin:float=0.5, mode:str='random', generator=None,
-                 metric:str='l2', S:Tensor|None=None) -> tuple[Tensor, dict]:
+                 sim:str='l2', S:Tensor|None=None) -> tuple[Tensor, dict]:
     "Hinge triplet loss (Eq. 3) over slice embeddings `z` (B,T,D), one sampled triplet per valid anchor; (loss, stats)."
     if S is None:
-        with torch.no_grad(): S = self_similarity(z, metric)
+        with torch.no_grad(): S = self_similarity(z, sim)
     p_idx, n_idx, valid = sample_triplets(S, pos, neg, mode, generator)  # (B,T) each
-    d_pos, d_neg = pair_dist(z, take(z, p_idx), metric), pair_dist(z, take(z, n_idx), metric)  # (B,T)
+    d_pos, d_neg = pair_dist(z, take(z, p_idx), sim), pair_dist(z, take(z, n_idx), sim)  # (B,T)
     w = valid.to(z.dtype)
     n = w.sum().clamp_min(1)
     loss = (F.relu(d_pos - d_neg + margin) * w).sum() / n               # 0 with a graph if nothing is valid
