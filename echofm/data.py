@@ -66,19 +66,19 @@ class CachedClips(Dataset):
         return self.cache[i]
     n_bad = property(lambda self: bad_count(self.ds))
 
-def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=64, cache_gib:float=2.) -> Dataset:
-    "Clips for `--data`: a folder (searched recursively), 'synth:N' phantoms, or None: data_samples/ + phantoms."
+def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=64, cache_gib:float=2., cycles:float=1.) -> Dataset:
+    "Clips for `--data`: a folder (searched recursively), 'synth:N' phantoms, or None: data_samples/ + phantoms; each spanning `cycles` cycles."
     from echofm.clips import EchoFolder, PhantomClips
     from echofm.prepare import is_store, PreparedClips
     from echofm.io import find_videos
     kw = dict(n_frames=n_frames, size=size)
     def synth(n):                                          # drawn on the fly, kept when they fit in `cache_gib`
-        ds = PhantomClips(n, seed=seed, **kw)
+        ds = PhantomClips(n, seed=seed, cycles=cycles, **kw)
         return CachedClips(ds) if n * 3 * n_frames * size**2 * 4 <= cache_gib * 2**30 else ds
     if data is None:
-        parts = [EchoFolder(data_samples(), **kw)] if data_samples().exists() and find_videos(data_samples()) else []
+        parts = [EchoFolder(data_samples(), cycles=cycles, **kw)] if data_samples().exists() and find_videos(data_samples()) else []
         return ConcatDataset(parts + [synth(phantoms)])
     if str(data).startswith('synth:'): return synth(int(str(data)[6:]))
     if not Path(data).exists(): raise FileNotFoundError(f"--data {data}: no such folder")
     if is_store(data): return PreparedClips(data, **kw)      # made by `echofm prepare`
-    return EchoFolder(data, **kw)
+    return EchoFolder(data, cycles=cycles, **kw)

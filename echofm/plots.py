@@ -20,16 +20,26 @@ def similarity_of(model, clip:torch.Tensor) -> torch.Tensor:
     was = model.training; model.eval()
     z = model.encode(clip[None].to(_device(model)), mask_ratio=0.)['slices'].float()
     model.train(was)
-    return self_similarity(z, metric=getattr(model.cfg, 'sim', 'l2'))[0].cpu()
+    return self_similarity(z, sim=getattr(model.cfg, 'sim', 'l2'))[0].cpu()
 
 def plot_losses(rows:list, path=None):
-    "Reconstruction loss, contrastive loss and the share of anchors with a valid triplet, per step."
+    "Losses, the share of anchors with a triplet, and when logged: triplet distances and spread, held-out phase scores."
     import matplotlib.pyplot as plt
     s = [r['step'] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(8, 2.4), dpi=70)
+    dist = [k for k in ('d_pos', 'd_neg', 'spread') if any(k in r for r in rows)]          # echofm.model
+    phase = [k for k in ('phase_contrast', 'retrieval') if any(k in r for r in rows)]       # echofm.probe.PhaseMonitor
+    fig, ax = plt.subplots(1, 3 + bool(dist) + bool(phase), figsize=(2.7 * (3 + bool(dist) + bool(phase)), 2.4), dpi=70)
     for a, k, t in zip(ax, ('loss_rec', 'loss_con', 'valid_frac'), ('$L_r$ (eq. 1)', '$L_c$ (eq. 3)', 'anchors with a triplet')):
         a.plot(s, [r[k] for r in rows]); a.set_title(t); a.set_xlabel('step')
-    ax[2].set_ylim(0, 1.05); fig.tight_layout()
+    ax[2].set_ylim(0, 1.05)
+    for a, keys, t in ((ax[3] if dist else None, dist, 'slice distances'), (ax[-1] if phase else None, phase, 'held-out phase')):
+        for k in keys:
+            rs = [r for r in rows if k in r and r[k] != '']
+            a.plot([r['step'] for r in rs], [float(r[k]) for r in rs], '.-' if k in phase else '-', label=k, ms=3)
+        if keys: a.set_title(t); a.set_xlabel('step'); a.legend(fontsize=6)
+    bad = [r['step'] for r in rows if r.get('collapsed')]
+    if bad: fig.suptitle(f"slice embeddings collapsed from step {bad[0]}", color='red', fontsize=9)
+    fig.tight_layout()
     if path: fig.savefig(path, dpi=100)
     return fig
 
