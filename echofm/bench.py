@@ -189,6 +189,7 @@ def bench(preset:str='small',              # model size: tiny | small | base | l
         if not data: raise ValueError("--loader needs --data DIR: a store made by `echofm prepare`, or a folder of videos")
         return bench_loader(data, EchoFMConfig.preset(preset).n_frames, batch_size, num_workers, json_out=json_out)
     from echofm.pretrain import parse_overrides
+    if precision not in ('auto', 'fp32', 'bf16', 'fp16'): raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dev = torch.device(device)
     _, precision = _autocast(dev, precision)
