@@ -138,8 +138,8 @@ def mask_explorer(video=None, cfg:EchoFMConfig|None=None) -> Panel:
     fig = go.FigureWidget(make_subplots(2, 1, row_heights=[0.55, 0.45], vertical_spacing=0.14, subplot_titles=(
         'first frame of each temporal slice (hidden tubelets in blue)', 'hidden tubelets per slice')))
     fig.add_trace(go.Image(source=png_uri(np.zeros((8, 8, 3), np.uint8))), 1, 1)
-    fig.add_trace(go.Bar(x=np.arange(T), y=np.zeros(T), name='hidden'), 2, 1)
-    fig.add_trace(go.Bar(x=np.arange(T), y=np.zeros(T), name='of which visible in another slice'), 2, 1)
+    fig.add_trace(go.Bar(x=list(range(T)), y=[0] * T, name='hidden'), 2, 1)
+    fig.add_trace(go.Bar(x=list(range(T)), y=[0] * T, name='of which visible in another slice'), 2, 1)
     fig.update_xaxes(visible=False, row=1); fig.update_yaxes(visible=False, row=1)
     fig.update_xaxes(title_text="temporal slice t'", row=2)
     fig.update_layout(height=430, barmode='group', margin=dict(l=40, r=10, t=30, b=40), legend=dict(orientation='h', y=-0.25))
@@ -149,7 +149,7 @@ def mask_explorer(video=None, cfg:EchoFMConfig|None=None) -> Panel:
         frames = shade_hidden(clip, hid, cfg)[::cfg.tubelet]          # (T', H, W, 3)
         with fig.batch_update():
             fig.data[0].source = png_uri(np.concatenate(list(frames), 1))
-            fig.data[1].y, fig.data[2].y = hid.sum((1, 2)), leaks(hid)
+            fig.data[1].y, fig.data[2].y = hid.sum((1, 2)).tolist(), leaks(hid).tolist()   # lists: plotly.js reads no int64 buffers
         p.info['hidden'] = hid
     for w in c.values(): w.observe(update, 'value')
     update()
@@ -230,7 +230,7 @@ def similarity_explorer(model=None, video=None, compare=None, names=('EchoFM', '
     for r in range(R):
         for k in range(len(cycles)):
             i0 = len(fig.data)
-            fig.add_trace(go.Heatmap(z=Ss[r][k].numpy(), colorscale='Viridis', showscale=False,
+            fig.add_trace(go.Heatmap(z=Ss[r][k].tolist(), colorscale='Viridis', showscale=False,
                                      hovertemplate='t_i %{y}, t_j %{x}: S %{z:.3f}<extra></extra>'), r + 1, k + 1)
             fig.add_trace(go.Scatter(x=[-0.5, T - 0.5], y=[0, 0], mode='lines', line=dict(color='white', width=1),
                                      showlegend=False, hoverinfo='skip'), r + 1, k + 1)
@@ -295,11 +295,11 @@ def ecg_viewer(video=None) -> Panel:
     fig = go.FigureWidget(make_subplots(2, 1, row_heights=[0.68, 0.32], vertical_spacing=0.06))
     fig.add_trace(go.Image(source=png_uri(vid.frames[0])), 1, 1)
     y0, y1 = float(np.min(mk['y'])), float(np.max(mk['y']))
-    fig.add_trace(go.Scatter(x=mk['t'], y=mk['y'], mode='lines', line=dict(color='black', width=1), name=mk['label']), 2, 1)
-    fig.add_trace(go.Scatter(x=mk['r'], y=np.interp(mk['r'], mk['t'], mk['y']), mode='markers', name='R-peak',
+    fig.add_trace(go.Scatter(x=mk['t'].tolist(), y=mk['y'].tolist(), mode='lines', line=dict(color='black', width=1), name=mk['label']), 2, 1)
+    fig.add_trace(go.Scatter(x=mk['r'].tolist(), y=np.interp(mk['r'], mk['t'], mk['y']).tolist(), mode='markers', name='R-peak',
                              marker=dict(color='orange', size=8, symbol='triangle-down')), 2, 1)
     for key, col in (('ed', 'royalblue'), ('es', 'seagreen')):
-        xs, ys = _vlines(mk[key] / fps, y0, y1)
+        xs, ys = _vlines((mk[key] / fps).tolist(), y0, y1)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode='lines', line=dict(color=col, dash='dash', width=1), name=key.upper()), 2, 1)
     fig.add_trace(go.Scatter(x=[0, 0], y=[y0, y1], mode='lines', line=dict(color='red', width=2), name='frame shown'), 2, 1)
     fig.update_xaxes(visible=False, row=1); fig.update_yaxes(visible=False, row=1)
@@ -311,7 +311,7 @@ def ecg_viewer(video=None) -> Panel:
         i = c['frame'].value
         with fig.batch_update():
             fig.data[0].source = png_uri(vid.frames[i])
-            fig.data[-1].x = [i / fps, i / fps]
+            fig.data[-1].x = [float(i / fps)] * 2
         tags = [k.upper() for k in ('ed', 'es') if i in mk[k]]
         text.value = f"frame {i}" + (f", t = {i / fps:.3f} s" if vid.fps else '') + (f" <b>{' '.join(tags)}</b>" if tags else '')
     def seek(t:float):
@@ -367,11 +367,11 @@ def trajectory_viewer(model=None, video=None, cycles:float=2.) -> Panel:
     c = dict(play=play, slice=step)
     fig = go.FigureWidget(make_subplots(1, 2, column_widths=[0.58, 0.42], horizontal_spacing=0.04, subplot_titles=(
         f"PC1 ({tr['var'][0]:.0%}) / PC2 ({tr['var'][1]:.0%}) of the slice embeddings", 'first frame of the slice')))
-    fig.add_trace(go.Scatter(x=pc[:, 0], y=pc[:, 1], mode='lines+markers', line=dict(color='lightgray'), name='slices',
-                             marker=dict(color=colour, colorscale='Twilight' if by_phase else 'Viridis', size=9, showscale=True,
+    fig.add_trace(go.Scatter(x=pc[:, 0].tolist(), y=pc[:, 1].tolist(), mode='lines+markers', line=dict(color='lightgray'), name='slices',
+                             marker=dict(color=np.asarray(colour, float).tolist(), colorscale='Twilight' if by_phase else 'Viridis', size=9, showscale=True,
                                          colorbar=dict(title='phase' if by_phase else 'frame', x=0.55, len=0.8)),
                              text=[f'frame {f}' for f in tr['frame']]), 1, 1)
-    fig.add_trace(go.Scatter(x=pc[:1, 0], y=pc[:1, 1], mode='markers', name='current',
+    fig.add_trace(go.Scatter(x=pc[:1, 0].tolist(), y=pc[:1, 1].tolist(), mode='markers', name='current',
                              marker=dict(color='red', size=16, symbol='star', line=dict(color='black', width=1))), 1, 1)
     fig.add_trace(go.Image(source=png_uri(vid.frames[tr['frame'][0]])), 1, 2)
     fig.update_xaxes(visible=False, row=1, col=2); fig.update_yaxes(visible=False, row=1, col=2)
@@ -380,7 +380,7 @@ def trajectory_viewer(model=None, video=None, cycles:float=2.) -> Panel:
     def draw(*_):
         i = c['slice'].value
         with fig.batch_update():
-            fig.data[1].x, fig.data[1].y = [pc[i, 0]], [pc[i, 1]]
+            fig.data[1].x, fig.data[1].y = [float(pc[i, 0])], [float(pc[i, 1])]
             fig.data[2].source = png_uri(vid.frames[tr['frame'][i]])
     c['slice'].observe(draw, 'value')
     return p
@@ -407,7 +407,7 @@ def training_dashboard(model=None, clip:Tensor|None=None, video=None, every:int=
         was = model.training; model.eval()
         p.info['S'] = S = slice_similarity(model, p.info['clip'][None])[0]
         model.train(was)
-        fig.data[3].z = S.numpy(); fig.layout.annotations[2].text = f'S of a two-cycle clip, step {step}'
+        fig.data[3].z = S.tolist(); fig.layout.annotations[2].text = f'S of a two-cycle clip, step {step}'
     def on_step(step:int, row:dict, model=None):
         "The training loop's callback cb(step, row, model): record `row`, redraw, every `every` steps recompute S."
         rows = p.info['rows']; rows.append(dict(row, step=step))
