@@ -8,8 +8,8 @@ import os, sys, json, time, signal, dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
 import torch
-from fastcore.script import call_parse, Param, store_true
-from .core import EchoDataError, CommandStopped
+from fastcore.script import Param, store_true
+from .core import EchoDataError, CommandStopped, command
 # the pieces, importable from here as before the split
 from .optim import lr_factor, scaled_lr, param_groups, make_optimizer, make_scheduler
 from .checkpoint import rng_state, set_rng_state, save_checkpoint, load_checkpoint, export_encoder, load_encoder
@@ -19,7 +19,7 @@ from .engine import TrainConfig, StopRequest, NonFiniteLoss, LOG_COLUMNS, write_
 from .plots import similarity_of, plot_losses, plot_similarity, plot_reconstruction
 
 # %% auto #0
-__all__ = ['DEFAULT_STEPS', 'BASE_LR', 'parse_overrides', 'build_model', 'holdout_clip', 'pretrain']
+__all__ = ['DEFAULT_STEPS', 'BASE_LR', 'parse_overrides', 'model_config', 'build_model', 'holdout_clip', 'pretrain']
 
 # %% ../nbs/12f_pretrain.ipynb #4aef1652
 def parse_overrides(items) -> dict:
@@ -33,10 +33,24 @@ def parse_overrides(items) -> dict:
     return out
 
 # %% ../nbs/12f_pretrain.ipynb #a42086fe
+def model_config(preset:str='tiny', overrides:dict|None=None):
+    "`EchoFMConfig.preset(preset, **overrides)`, each override checked against the type of the field it sets."
+    from echofm.model import EchoFMConfig
+    try: base, overrides = EchoFMConfig.preset(preset), overrides or {}
+    except ValueError as e: raise ValueError(f"--preset {preset}: {e}") from None
+    names = [f.name for f in dataclasses.fields(EchoFMConfig)]
+    for k, v in overrides.items():
+        if k not in names: raise ValueError(f"--set {k}: no such setting; the settings are {', '.join(sorted(names))}")
+        d = getattr(base, k)
+        if not (v is None or d is None or type(v) is type(d) or (type(d) is float and type(v) is int)):
+            raise ValueError(f"--set {k}={v}: {k} takes a {type(d).__name__} (like {d!r})")
+    try: return EchoFMConfig.preset(preset, **overrides)
+    except (ValueError, TypeError) as e: raise ValueError(f"--preset {preset} --set {' '.join(f'{k}={v}' for k, v in overrides.items())}: {e}") from None
+
 def build_model(preset:str='tiny', overrides:dict|None=None):
-    "`EchoFM(EchoFMConfig.preset(preset, **overrides))`."
-    from echofm.model import EchoFM, EchoFMConfig
-    return EchoFM(EchoFMConfig.preset(preset, **(overrides or {})))
+    "`EchoFM(model_config(preset, overrides))`."
+    from echofm.model import EchoFM
+    return EchoFM(model_config(preset, overrides))
 
 # %% ../nbs/12f_pretrain.ipynb #d0f0f430
 DEFAULT_STEPS = 400                            # the no-argument CPU lesson (about 1.6 min on 2 idle cores)
@@ -47,13 +61,43 @@ def holdout_clip(cfg, seed:int=0) -> torch.Tensor:
     from echofm.clips import PhantomClips
     return PhantomClips(1, n_frames=cfg.n_frames, size=cfg.img_size, seed=seed + 1_000_003)[0]
 
+def _enough_clips(ds, data, batch_size:int, world:int) -> int:
+    "The readable clips of `ds` (all tried when the folder is small); `EchoDataError` when they fill no batch."
+    need, n = batch_size * world, len(ds)
+    if hasattr(ds, 'files') and n < 4 * need:                  # a small folder: count the files that load
+        from echofm.io import load_video
+        def loads(f):
+            try: load_video(f); return True
+            except Exception: return False
+        n = sum(map(loads, ds.files))
+    if n < need:
+        bad = f" ({len(ds) - n} unreadable)" if n < len(ds) else ''
+        raise EchoDataError(data or 'data', f"{n} readable clip{'s' * (n != 1)}{bad} are fewer than one batch of {need}"
+                            f"{' over all processes' if world > 1 else ''}; try --batch_size {max(1, n // world)}")
+    return n
+
 def _checkpoint_path(resume) -> Path:
     p = Path(resume); p = p/'checkpoint.pt' if p.is_dir() else p
     if not p.exists(): raise FileNotFoundError(f"--resume {resume}: no checkpoint there")
     return p
 
+def _phase_monitor(cfg, every:int):
+    "`echofm.probe.PhaseMonitor` on one held-out two-cycle phantom per view, or None (`every` 0, or T' odd or < 6)."
+    from echofm.probe import PhaseMonitor, heldout_clips
+    if not every or cfg.n_slices % 2 or cfg.n_slices < 6: return None
+    return PhaseMonitor(heldout_clips(1, cfg.n_frames, cfg.img_size)[0], every, cfg.margin)
+
+def _phase_summary(model, mon, last:dict) -> dict:
+    "Held-out phase scores of the trained model beside a random-init encoder and raw pixels; printed and kept in summary.json."
+    from echofm.probe import phase_report
+    rep = phase_report(model, mon.clips)
+    print('held-out phase (contrast / same-phase retrieval): ' + ', '.join(f"{k} {v['phase_contrast']:.3f} / {v['retrieval']:.2f}" for k, v in rep.items())
+          + (f"; slice embeddings COLLAPSED at step {mon.collapsed_at}" if mon.collapsed_at else ''), flush=True)
+    return dict(rep, collapsed_at=mon.collapsed_at, spread=last.get('spread'))
+
+
 # %% ../nbs/12f_pretrain.ipynb #e882f916
-@call_parse
+@command
 def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recursive) or 'synth:N'; default: data_samples/ + phantoms
              preset:str='tiny',            # model size: tiny | small | base | large
              set:Param("config overrides, e.g. --set mask_ratio=0.9 objective=single_pass", str, nargs='*')=None,
@@ -79,37 +123,46 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
              max_minutes:float=None,       # stop (checkpoint and figures kept) after this long; default none, 4.5 for the no-argument lesson
              stop_at:int=None,             # stop after this step as if interrupted (then --resume continues)
              phantoms:int=64,              # phantom clips added to data_samples/ when --data is not given
+             cycles:float=2.,              # cardiac cycles each training clip spans (>= 2: PCL sees every phase twice)
+             phase_every:int=50,           # steps between phase scores on held-out two-cycle phantoms (0: never; echofm.probe)
              quiet:store_true=False,       # no progress bar
             ):
     "Pretrain EchoFM (the main job): writes checkpoint, metrics.csv, encoder.safetensors and figures to a run folder."
     from echofm.model import EchoFM, EchoFMConfig
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    limit = dict(stop_at=stop_at, progress=not quiet, device=device, num_workers=num_workers, compile=compile)
-    if resume:                                           # the model and the training settings come from the checkpoint
-        rp = _checkpoint_path(resume); ck = load_checkpoint(rp)
-        cfg, out, resume, a = EchoFMConfig(**ck['config']), out or rp.parent, rp, ck['extra'].get('args', {})
-        data, phantoms, preset = a.get('data', data), a.get('phantoms', phantoms), a.get('preset', preset)
-        tc = TrainConfig(**{**ck['train'], **limit, 'max_steps': max_steps or ck['max_steps'],
-                            'time_limit': max_minutes and max_minutes * 60})
-    else:
-        cfg = EchoFMConfig.preset(preset, **parse_overrides(set))
-        if max_steps is None and epochs is None: max_steps, max_minutes = DEFAULT_STEPS, max_minutes or 4.5
-        lr = lr or scaled_lr(base_lr or BASE_LR.get(preset, 1.5e-4), batch_size, world, accum)
-        tc = TrainConfig(batch_size=batch_size, max_steps=max_steps, epochs=epochs, lr=lr, warmup=warmup,
-                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, clip_grad=clip_grad or None, accum=accum,
-                         precision=precision, seed=seed, ckpt_every=ckpt_every, time_limit=max_minutes and max_minutes * 60, **limit)
-        out = out or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    torch.manual_seed(tc.seed)
-    model = EchoFM(cfg)
-    if init and not resume: load_encoder(model, init)
-    ds = build_data(data, cfg.n_frames, cfg.img_size, tc.seed, phantoms)
-    held = holdout_clip(cfg, tc.seed)
-    extra = dict(args=dict(data=data, phantoms=phantoms, preset=preset))
-    if not resume: extra['S_before'] = similarity_of(model, held)
-    if rank == 0: print(f"echofm pretrain: {preset} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params), "
-                        f"{len(ds)} clips, batch {tc.batch_size}x{tc.accum}, lr {tc.lr:.2e}, {device} -> {out}")
-    t0 = time.time()
-    r = train(model, ds, tc, out=out, resume=resume, extra=extra)
+    with StopRequest(verbose=rank == 0) as stop:          # Ctrl-C / SIGTERM from here on: stop after a step, save
+        if max_minutes is not None and max_minutes <= 0: raise ValueError(f"--max_minutes must be positive, got {max_minutes}")
+        if phantoms < 1: raise ValueError(f"--phantoms must be at least 1, got {phantoms}")
+        limits = dict(stop_at=stop_at, progress=not quiet, device=device, num_workers=num_workers, compile=compile)
+        if resume:                                        # the model and the training settings come from the checkpoint
+            rp = _checkpoint_path(resume); ck = load_checkpoint(rp)
+            cfg, out, resume, a = EchoFMConfig(**ck['config']), out or rp.parent, rp, ck['extra'].get('args', {})
+            data, phantoms, preset, cycles = a.get('data', data), a.get('phantoms', phantoms), a.get('preset', preset), a.get('cycles', 1.)
+            tc = TrainConfig(**{**ck['train'], **limits, 'max_steps': max_steps or ck['max_steps'],
+                                'time_limit': max_minutes and max_minutes * 60})
+        else:
+            if max_steps is None and epochs is None: max_steps, max_minutes = DEFAULT_STEPS, max_minutes or 4.5
+            if batch_size < 1: raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+            if accum < 1: raise ValueError(f"--accum must be at least 1, got {accum}")
+            lr = lr or scaled_lr(base_lr or BASE_LR.get(preset, 1.5e-4), batch_size, world, accum)
+            tc = TrainConfig(batch_size=batch_size, max_steps=max_steps, epochs=epochs, lr=lr, warmup=warmup,
+                             min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, clip_grad=clip_grad or None, accum=accum,
+                             precision=precision, seed=seed, ckpt_every=ckpt_every, time_limit=max_minutes and max_minutes * 60, **limits)
+            cfg = model_config(preset, parse_overrides(set))
+            out = out or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        ds = build_data(data, cfg.n_frames, cfg.img_size, tc.seed, phantoms, cycles=cycles)
+        n_clips = _enough_clips(ds, data, tc.batch_size, world)
+        torch.manual_seed(tc.seed)
+        model = EchoFM(cfg)
+        if init and not resume: load_encoder(model, init)
+        held = holdout_clip(cfg, tc.seed)
+        extra = dict(args=dict(data=data, phantoms=phantoms, preset=preset, cycles=cycles))
+        if not resume: extra['S_before'] = similarity_of(model, held)
+        mon = _phase_monitor(cfg, phase_every)                # phase scores and collapse flag in metrics.csv
+        if rank == 0: print(f"echofm pretrain: {preset} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params), "
+                            f"{n_clips} clips, batch {tc.batch_size}x{tc.accum}, lr {tc.lr:.2e}, {device} -> {out}", flush=True)
+        t0 = time.time()
+        r = train(model, ds, tc, out=out, resume=resume, extra=extra, stop=stop, callbacks=[mon] if mon else [])
     if rank != 0: return r
     out, model = Path(out), r['model']
     export_encoder(model, out)
@@ -120,13 +173,14 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
     summary = dict(steps=r['step'], of=r['total'], stopped=r['stopped'], minutes=(time.time() - t0) / 60, world=r['world'],
                    unreadable_clips_skipped=r['n_bad'], loss_rec=last.get('loss_rec'), loss_con=last.get('loss_con'),
                    config=dataclasses.asdict(cfg))
+    if mon: summary['phase'] = _phase_summary(model, mon, last)
     (out/'summary.json').write_text(json.dumps(summary, indent=1))
     import matplotlib.pyplot as plt; plt.close('all')
     print(f"done: {r['step']} steps in {summary['minutes']:.1f} min, L_r {last.get('loss_rec', float('nan')):.4f}, "
-          f"L_c {last.get('loss_con', float('nan')):.4f}, {r['n_bad']} unreadable clips skipped -> {out}")
+          f"L_c {last.get('loss_con', float('nan')):.4f}, {r['n_bad']} unreadable clips skipped -> {out}", flush=True)
     if r['step'] < r['total'] and r['stopped'] not in (None, 'time limit'):
         again = f"echofm pretrain --resume {out}"
         if r['signal']: raise CommandStopped(f"stopped by {r['stopped']} after step {r['step']} of {r['total']}; "
                                              f"checkpoint, metrics and figures saved. To continue: {again}", 128 + r['signal'])
-        print(f"stopped ({r['stopped']}) after step {r['step']} of {r['total']}. To continue: {again}")
+        print(f"stopped ({r['stopped']}) after step {r['step']} of {r['total']}. To continue: {again}", flush=True)
     return r
