@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Browser test of the widgets: JupyterLab on localhost, the widgets notebook run in Debian's chromium by Playwright.
+
+Starts JupyterLab (random free port, random token, no browser) on a copy of nbs/19_widgets.ipynb in a temporary
+folder (so nothing is saved into the repository), runs every cell, checks that no cell raised, moves the seed
+slider of the mask explorer, checks that its figure changed, and saves screenshots under ci-artifacts/.
+JupyterLab is killed at the end, whatever happens. Exit status 0 on success.
+Usage: python .ci/browser_test.py [--chromium /usr/bin/chromium] [--out ci-artifacts] [--timeout 900]
+"""
+import argparse, json, os, secrets, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NB = '19_widgets.ipynb'
+
+def log(*a): print('[browser]', *a, flush=True)
+
+def free_port() -> int:
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def start_lab(work:Path, logf, tries:int=3, wait:float=120.):
+    "Start JupyterLab on a free port; retry on another port if it does not answer within `wait` s. -> (proc, url, token)."
+    for attempt in range(1, tries + 1):
+        port, token = free_port(), secrets.token_hex(16)
+        env = dict(os.environ, JUPYTER_CONFIG_DIR=str(work/'cfg'), JUPYTER_RUNTIME_DIR=str(work/'rt'), JUPYTER_DATA_DIR=str(work/'data'),
+                   JUPYTERLAB_SETTINGS_DIR=str(work/'settings'), JUPYTERLAB_WORKSPACES_DIR=str(work/'ws'))
+        cmd = [sys.executable, '-m', 'jupyterlab', '--no-browser', '--ip=127.0.0.1', f'--port={port}',
+               f'--ServerApp.token={token}', '--ServerApp.port_retries=0', f'--ServerApp.root_dir={work/"nb"}',
+               '--LabApp.expose_app_in_browser=True', '--allow-root']
+        (work/'cfg').mkdir(exist_ok=True)                              # no websocket pings: a busy browser must not be cut off
+        (work/'cfg'/'jupyter_server_config.py').write_text("c.ServerApp.tornado_settings = {'ws_ping_interval': 0}\n")
+        for ext, plugin, value in (('notebook-extension', 'tracker', {'windowingMode': 'none'}),   # every cell in the DOM
+                                   ('apputils-extension', 'notification', {'fetchNews': 'false', 'checkForUpdates': False})):
+            f = work/'settings'/'@jupyterlab'/ext/f'{plugin}.jupyterlab-settings'
+            f.parent.mkdir(parents=True, exist_ok=True); f.write_text(json.dumps(value))
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        url = f'http://127.0.0.1:{port}'
+        t0 = time.time()
+        while time.time() - t0 < wait and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f'{url}/api/status?token={token}', timeout=5) as r:
+                    if r.status == 200: log(f'JupyterLab up on port {port} after {time.time() - t0:.0f} s (try {attempt})'); return proc, url, token
+            except OSError: pass
+            time.sleep(1)
+        log(f'JupyterLab did not answer on port {port} (try {attempt}, exit {proc.poll()})'); stop_lab(proc)
+    raise RuntimeError('JupyterLab did not start')
+
+def stop_lab(proc):
+    "Kill JupyterLab and its kernels (its whole process group)."
+    if proc is None or proc.poll() is not None: return
+    try: os.killpg(proc.pid, signal.SIGTERM); proc.wait(15)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try: os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+        proc.wait(10)
+
+RESUME_JS = """() => {
+  const w = window.jupyterapp.shell.currentWidget, cells = w.content.model.toJSON().cells;
+  const i = cells.findIndex(c => c.cell_type === 'code' && c.execution_count == null);
+  if (i >= 0) { w.content.activeCellIndex = i; window.jupyterapp.commands.execute('notebook:run-all-below'); }
+  return i;
+}"""
+
+STATE_JS = """() => {
+  const app = window.jupyterapp; if (!app) return null;
+  const w = app.shell.currentWidget;
+  if (!w || !w.content || !w.sessionContext || !w.context || w.context.path !== '%s') return null;
+  const k = w.sessionContext.session && w.sessionContext.session.kernel;
+  const cells = w.content.model.toJSON().cells.filter(c => c.cell_type === 'code');
+  const src = c => [].concat(c.source).join('').slice(0, 70);
+  return {kernel: k ? k.status : null, n: cells.length, done: cells.filter(c => c.execution_count != null).length,
+          pending: cells.filter(c => c.execution_count == null).map(src),
+          errors: cells.flatMap(c => c.outputs.filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue))};
+}""" % NB
+
+def wait_for(page, pred, what:str, timeout:float, every:float=2., report:float=30.):
+    "Poll the notebook's state until `pred(state)`; log it every `report` s; TimeoutError after `timeout` s."
+    t0 = last = time.time(); st = None
+    while time.time() - t0 < timeout:
+        st = page.evaluate(STATE_JS)
+        if st is not None and pred(st): return st
+        if time.time() - last > report:
+            short = {k: v for k, v in (st or {}).items() if k != 'pending' or len(v) <= 5}   # pending sources only near the end
+            log(f'{what}: waiting, {time.time() - t0:.0f} s, state {short}'); last = time.time()
+        time.sleep(every)
+    raise TimeoutError(f'{what}: not after {timeout:.0f} s (last state {st})')
+
+def image_href(page, sel:str):
+    "The href of the first image a plotly figure under `sel` draws (a PNG data URI), or None."
+    return page.evaluate("""s => { const e = document.querySelector(s + ' .js-plotly-plot image');
+                                   return e ? (e.getAttribute('href') || e.getAttribute('xlink:href')) : null; }""", sel)
+
+def check_page(browser, url:str, token:str, out:Path, timeout:float):
+    "Open the notebook, run it, move a slider, check the figure, take screenshots."
+    log(f'chromium {browser.version} launched')
+    page = browser.new_page(viewport={'width': 1300, 'height': 1000})
+    page.set_default_timeout(60_000)
+    page.on('pageerror', lambda e: log('page error:', e))
+    for attempt in range(3):
+        try:
+            page.goto(f'{url}/lab/tree/{NB}?token={token}', wait_until='domcontentloaded', timeout=90_000)
+            log('JupyterLab page loaded')
+            wait_for(page, lambda s: s['kernel'] == 'idle', 'notebook open, kernel idle', 180)
+            break
+        except Exception as e:
+            log(f'opening the notebook failed (try {attempt + 1}): {e}')
+            if attempt == 2: raise
+    log('kernel idle: running all cells')
+    t0 = time.time()
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")   # no await: poll
+    quiet = []                                                   # the kernel idle for three polls in a row: the run is over
+    def over(s):
+        quiet.append(s['kernel'] == 'idle' and s['done'] > 0); return s['done'] == s['n'] and quiet[-1] or bool(s['errors']) or quiet[-3:] == [True] * 3
+    for attempt in range(3):                                     # a dropped kernel connection can leave queued cells unrun
+        st = wait_for(page, over, 'all cells run', timeout - (time.time() - t0), every=3)
+        if st['errors'] or st['done'] == st['n']: break
+        quiet.clear()
+        log(f"{st['n'] - st['done']} cells not run (kernel connection lost?): running from cell {page.evaluate(RESUME_JS)} on")
+    log(f"ran {st['done']}/{st['n']} code cells in {time.time() - t0:.0f} s")
+    if st['errors']: raise AssertionError(f"cells raised: {st['errors']}")
+    if st['done'] < st['n']: raise AssertionError(f"cells not run: {st['pending']}")
+    sel = '.echofm-mask-explorer'
+    panel = page.locator(sel).first
+    panel.wait_for(state='attached', timeout=60_000)
+    panel.scroll_into_view_if_needed()
+    plot = page.locator(f'{sel} .js-plotly-plot').first
+    plot.wait_for(state='visible', timeout=120_000)
+    time.sleep(2)
+    before, shot0 = image_href(page, sel), plot.screenshot()
+    panel.screenshot(path=str(out/'mask_explorer_before.png'))
+    readout = page.locator(f'{sel} .echofm-seed .widget-readout').first
+    seed0 = readout.inner_text().strip()
+    handle = page.locator(f'{sel} .echofm-seed .noUi-handle').first
+    handle.click()
+    for _ in range(3): handle.press('ArrowRight'); time.sleep(0.2)
+    if readout.inner_text().strip() == seed0:                   # keyboard did nothing: drag the handle
+        box = page.locator(f'{sel} .echofm-seed .noUi-target').first.bounding_box()
+        hb = handle.bounding_box()
+        page.mouse.move(hb['x'] + hb['width'] / 2, hb['y'] + hb['height'] / 2); page.mouse.down()
+        page.mouse.move(box['x'] + box['width'] * 0.3, hb['y'] + hb['height'] / 2, steps=10); page.mouse.up()
+    seed1 = readout.inner_text().strip()
+    log(f'seed slider moved: {seed0} -> {seed1}')
+    assert seed1 != seed0, 'the slider did not move'
+    t1 = time.time(); changed = False
+    while time.time() - t1 < 90 and not changed:                # the image the figure draws, or at least its pixels, change
+        time.sleep(1); changed = image_href(page, sel) != before or plot.screenshot() != shot0
+    assert changed, 'the figure did not change after the slider moved'
+    log(f'figure changed {time.time() - t1:.1f} s after the slider moved')
+    time.sleep(1)
+    panel.screenshot(path=str(out/'mask_explorer_after.png'))
+    sim = page.locator('.echofm-similarity-explorer').first
+    sim.scroll_into_view_if_needed(); sim.screenshot(path=str(out/'similarity_explorer.png'))
+    log(f'screenshots in {out}')
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--chromium', default='/usr/bin/chromium')
+    ap.add_argument('--out', default=str(ROOT/'ci-artifacts'))
+    ap.add_argument('--timeout', type=float, default=900., help='seconds for running the whole notebook')
+    a = ap.parse_args()
+    def _stop(signum, frame): raise SystemExit(f'stopped by signal {signum}')
+    signal.signal(signal.SIGTERM, _stop)                                  # `timeout` and CI cancels still clean up
+    from playwright.sync_api import sync_playwright
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix='echofm-browser-'))
+    (work/'nb').mkdir(); shutil.copy(ROOT/'nbs'/NB, work/'nb'/NB)
+    logf = open(out/'jupyterlab.log', 'w')
+    proc = None
+    try:
+        proc, url, token = start_lab(work, logf)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=a.chromium, headless=True,
+                                         args=['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu'])
+            try: check_page(browser, url, token, out, a.timeout)
+            except BaseException:
+                for pg in browser.contexts[0].pages if browser.contexts else []:
+                    try: pg.screenshot(path=str(out/'failure.png')); log(f'failure screenshot: {out/"failure.png"}')
+                    except Exception: pass
+                raise
+            finally: browser.close()
+        log('PASSED')
+        return 0
+    finally:
+        stop_lab(proc); logf.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+if __name__ == '__main__': sys.exit(main())
