@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['GEMM_FLOPS', 'onednn_available', 'gemm_rate', 'cpu_vendor', 'cpu_gemm', 'linear', 'Linear', 'fast_linear_']
+__all__ = ['GEMM_FLOPS', 'onednn_available', 'gemm_rate', 'cpu_vendor', 'cpu_has_avx512', 'cpu_gemm', 'linear', 'Linear',
+           'fast_linear_']
 
 # %% ../nbs/13a_gemm.ipynb #580b7574
 def onednn_available() -> bool:
@@ -41,9 +42,16 @@ def cpu_vendor() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
-def _auto(vendor:str, onednn:bool) -> str:
-    "The `auto` rule: oneDNN on x86 CPUs not made by Intel (when PyTorch has it), else MKL."
-    return 'onednn' if onednn and vendor in ('AuthenticAMD', 'HygonGenuine') else 'mkl'
+def cpu_has_avx512() -> bool:
+    "Whether the processor reports AVX-512 Foundation (`avx512f` in /proc/cpuinfo's flags)."
+    try:
+        with open('/proc/cpuinfo') as f:
+            return any(line.startswith('flags') and 'avx512f' in line.split() for line in f)
+    except OSError: return False
+
+def _auto(vendor:str, onednn:bool, avx512:bool=True) -> str:
+    "The `auto` rule: oneDNN on x86 CPUs with AVX-512 not made by Intel (when PyTorch has it), else MKL."
+    return 'onednn' if onednn and avx512 and vendor in ('AuthenticAMD', 'HygonGenuine') else 'mkl'
 
 def _onednn_works() -> bool:
     "Whether oneDNN's private operator still takes our arguments and multiplies correctly (warns when not)."
@@ -68,7 +76,7 @@ def cpu_gemm(backend:str|None=None) -> str:
     if _CHOICE['backend'] is None:                                  # decided once per process
         want = os.environ.get('ECHOFM_CPU_GEMM', 'auto').lower()
         if want not in ('onednn', 'mkl', 'auto'): raise ValueError(f"ECHOFM_CPU_GEMM must be onednn, mkl or auto, got {want!r}")
-        _CHOICE['backend'] = _usable(_auto(cpu_vendor(), onednn_available()) if want == 'auto' else want)
+        _CHOICE['backend'] = _usable(_auto(cpu_vendor(), onednn_available(), cpu_has_avx512()) if want == 'auto' else want)
     return _CHOICE['backend']
 
 # %% ../nbs/13a_gemm.ipynb #adcd9d0b
