@@ -86,7 +86,7 @@ COMMANDS = {  # name -> (module:function, one-line help); listed only when the f
     'pretrain': ('echofm.pretrain:pretrain', 'pretrain EchoFM (the main job; no arguments: tiny model, CPU, data_samples/)'),
     'bench':    ('echofm.bench:bench',       'time the pretraining step: ms/step, clips/s, memory, FLOPs, MFU'),
     'synth':    ('echofm.synth:synth_cli',   'write phantom echo clips (and regenerate data_samples/)'),
-    'prepare':  ('echofm.prepare:prepare',   'prepare a public echo dataset for pretraining and fine-tuning'),
+    'prepare':  ('echofm.prepare:prepare',   'convert a folder of echo videos (DICOM, MP4, AVI, NIfTI, NPZ) into a uint8 training store'),
     'embed':    ('echofm.phase:embed',       'embed videos: phase, ED/ES, cycle length, retrieval'),
     'finetune': ('echofm.finetune:finetune', 'fine-tune a pretrained encoder on a downstream task'),
     'evaluate': ('echofm.finetune:evaluate', 'evaluate a fine-tuned model'),
