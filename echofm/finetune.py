@@ -237,6 +237,8 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
     kind, metric = TASKS[task]['kind'], TASKS[task]['metric']
     tr, va = _idx(d, 'train'), _idx(d, 'val')
     X, Y = torch.from_numpy(d['x']), torch.tensor(np.asarray(d['y'], np.float32))
+    if kind == 'reg':                                                           # start at the mean EF: the loss then learns the spread
+        with torch.no_grad(): ft.head.fc.bias.fill_(float(Y[tr].mean()) / 10)
     fast = kind != 'seg' and ft.mode != 'full'                                  # pooled features + flips, precomputed
     if fast: feats, fval = pooled_features(ft, X[tr].to(dev)).to(dev), pooled_features(ft, X[va].to(dev), flips=False)[0].to(dev)
     bs = batch_size or (64 if fast else 4 if kind == 'seg' else 8)
