@@ -10,9 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from fastcore.script import call_parse
 from tqdm.auto import tqdm
-from .core import EchoDataError
+from .core import EchoDataError, command
 from .synth import synth_echo, simpson_volume, VIEWS, AS_LABELS
 from .heads import Finetuner, augment_seg, augment_flip, MODES
 from . import metrics as M
@@ -260,7 +259,7 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
             y = Y[tr][b].to(dev)
             if fast:
                 k = torch.randint(4, (len(b),), generator=gen)
-                out = ft.head.fc(ft.head.norm(feats[k, b.to(dev)]))
+                out = ft.head.from_pooled(feats[k, b.to(dev)])
                 loss = loss_fn(out, y)
             elif kind == 'seg':
                 m = torch.from_numpy(d['masks'][tr][b.numpy()]).to(dev)
@@ -272,7 +271,7 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); step += 1
             bar.update(1)
         if (ep + 1) % eval_every == 0 or ep == epochs - 1 or time.time() - t0 > max_minutes * 60:
-            if fast: ft.eval(); pv = ft.head.fc(ft.head.norm(fval)).detach().cpu(); pv = pv[:, 0] if pv.shape[1] == 1 else pv
+            if fast: ft.eval(); pv = ft.head.from_pooled(fval).detach().cpu(); pv = pv[:, 0] if pv.shape[1] == 1 else pv
             else: pv = predict(ft, X[va].to(dev)).cpu()
             val = score(task, d, pv, va, ci=False)[metric]['value'] if len(va) else float('nan')
             hist.append(dict(epoch=ep + 1, step=step, loss=loss.item(), **{f'val_{metric}': val}))
@@ -495,7 +494,7 @@ def run_task(task:str='view', init=None, mode:str='frozen', label_frac:float=1.,
     return res
 
 # %% ../nbs/17_finetune.ipynb #1326d2ab
-@call_parse
+@command
 def finetune(task:str='view',       # view | seg | as | ar | ef
              init:str=None,         # pretrained run folder / checkpoint.pt / encoder.safetensors (default: random encoder)
              mode:str='frozen',     # linear | frozen (the paper) | full (layer-wise lr decay)
@@ -536,7 +535,7 @@ def load_finetuned(run) -> Finetuner:
     ft.head.load_state_dict(load_file(run/'head.safetensors')); ft.task = task
     return ft.eval()
 
-@call_parse
+@command
 def evaluate(ckpt:str=None,         # folder written by echofm finetune
              data:str=None,         # folder of clips to score (default: the phantom test split of the task)
              labels:str=None,       # CSV path,label / path,ef; without it (and for seg without masks) only predictions

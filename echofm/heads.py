@@ -39,8 +39,11 @@ class PoolHead(nn.Module):
         self.norm = nn.BatchNorm1d(dim, affine=False)
         self.fc = nn.Linear(dim, n_out)
         nn.init.trunc_normal_(self.fc.weight, std=0.01); nn.init.zeros_(self.fc.bias)
+    def from_pooled(self, pooled:Tensor) -> Tensor:
+        "Pooled features (B, D) -> (B, n_out): the head after the pooling (precomputed features train through it)."
+        return self.fc(self.norm(pooled))
     def forward(self, tokens:Tensor) -> Tensor:
-        return self.fc(self.norm(tokens.mean(1)))                               # (B, N, D) -> (B, D) -> (B, n_out)
+        return self.from_pooled(tokens.mean(1))                                 # (B, N, D) -> (B, D) -> (B, n_out)
 
 # %% ../nbs/15_heads.ipynb #abf160fb
 class UNETRHead(nn.Module):
