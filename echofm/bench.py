@@ -11,6 +11,7 @@ import torch, torch.nn as nn
 from fastcore.script import call_parse, Param, store_true
 from .optim import make_optimizer
 from .engine import _autocast
+from .core import get_device
 from .encoder import flop_count
 from .gemm import onednn_available, cpu_gemm, gemm_rate
 
@@ -35,7 +36,8 @@ def matmul_peaks(device='cpu', dtype=None, n:int|None=None, reps:int=5) -> dict:
     n = n or (8192 if dev.type == 'cuda' else 2048 if dtype == torch.float32 or fast16 else 512)
     if dev.type == 'cpu' and dtype == torch.float32:                  # echofm.gemm times both CPU libraries
         return {lib: gemm_rate(lib, n, n, n, reps) for lib in ('mkl', 'onednn')[:1 + onednn_available()]}
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    g = torch.Generator(dev).manual_seed(0)                          # never the global RNG
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype, generator=g) for _ in range(2))
     best = float('inf')
     for i in range(reps + 1):
         _sync(dev); t = time.perf_counter(); torch.mm(a, b); _sync(dev)
@@ -190,8 +192,7 @@ def bench(preset:str='small',              # model size: tiny | small | base | l
         return bench_loader(data, EchoFMConfig.preset(preset).n_frames, batch_size, num_workers, json_out=json_out)
     from echofm.pretrain import parse_overrides
     if precision not in ('auto', 'fp32', 'bf16', 'fp16'): raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(device)
+    dev = get_device(device)                             # auto: CUDA, then MPS, then the CPU
     _, precision = _autocast(dev, precision)
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[precision]
     load = [os.getloadavg()[0]]
@@ -199,9 +200,10 @@ def bench(preset:str='small',              # model size: tiny | small | base | l
     print(f"{machine()}\n{preset}, batch {batch_size}, {n_frames} frames, {img_size}x{img_size}, {precision}\n")
     res = []
     for obj in objectives or ['two_pass', 'single_pass', 'mae']:
-        torch.manual_seed(0)
         cfg = EchoFMConfig.preset(preset, n_frames=n_frames, img_size=img_size, objective=obj, **parse_overrides(set))
-        res.append(dict(objective=obj, **bench_model(EchoFM(cfg), batch_size, dev, precision, warmup, iters, None, compile)))
+        with torch.random.fork_rng(devices=[] if dev.type != 'cuda' else None):   # same init per objective; the caller's RNG untouched
+            torch.manual_seed(0)
+            res.append(dict(objective=obj, **bench_model(EchoFM(cfg), batch_size, dev, precision, warmup, iters, None, compile)))
     peaks = {k: max(v, peaks[k]) for k, v in matmul_peaks(dev, dtype).items()}   # before and after: the less disturbed
     peak = max(peaks.values()); load.append(os.getloadavg()[0])
     lib = cpu_gemm() if dev.type == 'cpu' and precision == 'fp32' else None
