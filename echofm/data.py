@@ -40,8 +40,8 @@ def bad_count(ds) -> int:
     return int(getattr(ds, 'n_bad', 0))
 
 def batch_stream(ds, sampler:ResumableSampler, batch_size:int, start:int=0, num_workers:int=0, seed:int=0, device='cpu'):
-    "Endless stream of batches (B, 3, T, H, W) of `ds` from micro-batch `start` on, epoch after epoch."
-    from echofm.prepare import to_float
+    "Endless stream of batches (B, 3, T, H, W) of `ds` from micro-batch `start` on, epoch after epoch (a store: read by `num_workers` threads)."
+    from echofm.prepare import to_float, PreparedClips, StoreLoader
     device = torch.device(device)
     per_epoch = sampler.num_samples // batch_size
     if per_epoch == 0: raise EchoDataError(getattr(ds, 'root', 'data'), f"{len(ds)} clips are fewer than one batch of "
@@ -49,9 +49,12 @@ def batch_stream(ds, sampler:ResumableSampler, batch_size:int, start:int=0, num_
     epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch, start=skip * batch_size)
-        dl = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_clips,
-                        drop_last=True, pin_memory=device.type == 'cuda', persistent_workers=False,
-                        generator=torch.Generator().manual_seed(seed + epoch))
+        if isinstance(ds, PreparedClips):   # threads, clip starts fixed by (seed, epoch, rank, position): exact on resume
+            dl = StoreLoader(ds, batch_size, sampler, num_workers, seed=seed, pin_memory=device.type == 'cuda',
+                             reuse=device.type == 'cpu')   # on the CPU to_float copies each batch before the next is asked for
+        else: dl = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_clips,
+                              drop_last=True, pin_memory=device.type == 'cuda', persistent_workers=False,
+                              generator=torch.Generator().manual_seed(seed + epoch))
         for x in dl:
             if x is not None: yield to_float(x, device)   # uint8 batches become float on the device
         epoch, skip = epoch + 1, 0

@@ -6,21 +6,22 @@
 from __future__ import annotations
 import os, sys, subprocess
 import torch, torch.nn as nn, torch.distributed as dist
+from .core import get_device
 
 # %% auto #0
 __all__ = ['setup_distributed', 'wrap_ddp', 'all_gather']
 
 # %% ../nbs/12c_distributed.ipynb #9945a717
 def setup_distributed(device:str='cpu') -> tuple:
-    "Join the `torchrun` process group if there is one; -> (rank, world, device)."
+    "Join the `torchrun` process group if there is one; -> (rank, world, device). 'auto': CUDA, then MPS, then the CPU."
     world = int(os.environ.get('WORLD_SIZE', 1))
-    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = get_device(str(device))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if device == 'cuda':
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"; torch.cuda.set_device(device)
-    return rank, world, torch.device(device)
+    if device.type == 'cuda' and device.index is None:                 # each process its own GPU
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))); torch.cuda.set_device(device)
+    return rank, world, device
 
 def wrap_ddp(model:nn.Module, device:torch.device, world:int) -> nn.Module:
     "`model` in `DistributedDataParallel` when there are several processes (unused parameters allowed for MAE only)."

@@ -43,11 +43,12 @@ class TrainConfig:
     stop_at: int|None = None       # stop after this step as if interrupted (checkpoint kept)
     time_limit: float|None = None  # seconds: stop after the step that passes it (checkpoint kept)
     progress: bool = True          # tqdm bar (rank 0)
+    log_every: int = 1             # steps between host syncs: the logged values wait on the device and are read together
 
     def __post_init__(self):
         def need(ok, what, v):
             if not ok: raise ValueError(f"{what}, got {v!r}")
-        for k in ('batch_size', 'accum'): need(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"{k} must be at least 1", getattr(self, k))
+        for k in ('batch_size', 'accum', 'log_every'): need(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"{k} must be at least 1", getattr(self, k))
         for k in ('max_steps', 'stop_at'):
             v = getattr(self, k); need(v is None or (isinstance(v, int) and v >= 1), f"{k} must be at least 1", v)
         for k in ('epochs', 'lr', 'time_limit'):
@@ -103,6 +104,10 @@ def _autocast(device, precision):
     return ctx, precision
 
 # %% ../nbs/12d_engine.ipynb #c7234017
+def _fetch(t:torch.Tensor) -> list:
+    "The host sync: a device tensor's values as Python numbers (one transfer)."
+    return t.tolist()
+
 def _seed(seed:int):
     "Seed Python, NumPy and torch (CPU and CUDA)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -145,7 +150,8 @@ def train(model:nn.Module,             # forward(video) -> dict(loss, ...) of 0-
     if device.type == 'cpu' and world > 1 and not resume: cpu_gemm(all_gather(cpu_gemm(), world)[0])   # rank 0's library
     raw = model.to(device)
     net = wrap_ddp(torch.compile(raw) if cfg.compile else raw, device, world)
-    sampler = ResumableSampler(data, world, rank, seed=cfg.seed)
+    from echofm.prepare import PreparedClips, ShardSampler
+    sampler = (ShardSampler if isinstance(data, PreparedClips) else ResumableSampler)(data, world, rank, seed=cfg.seed)  # a store: whole shards per rank
     total = cfg.total_steps(sampler.num_samples)
     opt = make_optimizer(raw, cfg.lr or scaled_lr(cfg.base_lr, cfg.batch_size, world, cfg.accum), cfg.weight_decay)
     sched = make_scheduler(opt, total, cfg.warmup_steps(total), cfg.min_lr_ratio)
@@ -156,7 +162,7 @@ def train(model:nn.Module,             # forward(video) -> dict(loss, ...) of 0-
                                                             map_location=device), raw, opt, sched, scaler, rank)
     save = lambda: _state(raw, opt, sched, scaler, step, rows, extra, cfg, data, world, total)
     stream = batch_stream(data, sampler, cfg.batch_size, step * cfg.accum, cfg.num_workers, cfg.seed, device)
-    end, keys = min(total, cfg.stop_at or total), None
+    end, keys, pending = min(total, cfg.stop_at or total), None, []
     bar = tqdm(total=total, initial=step, disable=not cfg.progress or rank != 0, dynamic_ncols=True, mininterval=1)
     raw.train(); t_start = time.time()
     with contextlib.nullcontext(stop) if stop else StopRequest(verbose=rank == 0) as stop:
@@ -174,28 +180,40 @@ def train(model:nn.Module,             # forward(video) -> dict(loss, ...) of 0-
             late = cfg.time_limit is not None and time.time() - t_start > cfg.time_limit
             red = torch.cat([sums, sums.new_tensor([float(late or stop.reason is not None)])])
             if world > 1: dist.all_reduce(red); red[:-1] /= world          # the mean over processes; any stop stops all
-            *vals, halt, gn = torch.cat([red, gn.detach().float().view(1).to(device)]).tolist()   # the one host sync
-            stats = dict(zip(keys, vals))
-            if not math.isfinite(stats['loss']):
-                bar.close()
-                if ckpt: write_metrics(rows, run_dir/'metrics.csv')
-                raise NonFiniteLoss(f"non-finite loss ({stats['loss']}) at step {step + 1}; stopped before updating the weights. "
-                                    f"Last good checkpoint: {ckpt if ckpt and ckpt.exists() else 'none'}")
-            lr = opt.param_groups[0]['lr']
+            if not pending: t_win = t0
+            pending.append((step + 1, torch.cat([red, gn.detach().float().view(1).to(device)]), opt.param_groups[0]['lr']))
+            n = step + 1                                                  # a host sync at: every log_every steps, checkpoints, the end,
+            sync = n % cfg.log_every == 0 or n == end or bool(cfg.ckpt_every and n % cfg.ckpt_every == 0) or \
+                   (world == 1 and (late or stop.reason is not None))     # and a stop on one process (all processes agree on the rest)
+            if sync:
+                got = _fetch(torch.stack([v for _, v, _ in pending]))     # the one transfer of the window
+                for (s, _, _), v in zip(pending, got):
+                    if not math.isfinite(v[0]):
+                        bar.close()
+                        if ckpt: write_metrics(rows, run_dir/'metrics.csv')
+                        when = "before updating the weights" if s == n else f"at the host sync after step {step} (weights updated through it)"
+                        raise NonFiniteLoss(f"non-finite loss ({v[0]}) at step {s}; stopped {when}. "
+                                            f"Last good checkpoint: {ckpt if ckpt and ckpt.exists() else 'none'}")
             scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True); sched.step()
             step += 1
-            row = dict(step=step, **stats, lr=lr, grad_norm=gn,
-                       clips_per_s=cfg.batch_size * cfg.accum * world / (time.perf_counter() - t0))
-            if rank == 0:
-                bar.update(1); bar.set_postfix(rec=f"{stats.get('loss_rec', stats['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
-                if any([cb(step, row, raw) is True for cb in callbacks]): stop.ask('callback')
-                raw.train()                                               # a callback may have evaluated
-            rows.append(row)
+            halt = False
+            if sync:
+                dt = time.perf_counter() - t_win
+                for (s, _, lr), (*vals, h, gn) in zip(pending, got):
+                    stats = dict(zip(keys, vals)); halt = halt or bool(h)
+                    row = dict(step=s, **stats, lr=lr, grad_norm=gn, clips_per_s=cfg.batch_size * cfg.accum * world * len(pending) / dt)
+                    if rank == 0:
+                        bar.update(1); bar.set_postfix(rec=f"{stats.get('loss_rec', stats['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
+                        if any([cb(s, row, raw) is True for cb in callbacks]): stop.ask('callback')
+                        raw.train()                                       # a callback may have evaluated
+                    rows.append(row)
+                pending = []
+            else: continue
             if halt or (world == 1 and stop.reason): stop.ask('time limit' if late else 'another process'); break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < end:
                 st = save()
                 if ckpt: save_checkpoint(st, ckpt); write_metrics(rows, run_dir/'metrics.csv')
-        bar.close()
+        bar.close(); stream.close()                                       # the loader's threads end
         if cfg.stop_at and step == cfg.stop_at < total: stop.ask('stop_at')
         st = save()
         if ckpt: save_checkpoint(st, ckpt); write_metrics(rows, run_dir/'metrics.csv')

@@ -4,10 +4,10 @@
 
 # %% ../nbs/04b_prepare.ipynb #5fd564c4
 from __future__ import annotations
-import os, json, time, math, datetime, warnings, contextlib
+import os, json, time, math, datetime, warnings, contextlib, queue, itertools, collections
 from pathlib import Path
 from multiprocessing import get_context
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ from .clips import clip_indices, resize_frames
 
 # %% auto #0
 __all__ = ['STORE_FORMAT', 'STORE_VERSION', 'MANIFEST', 'COLOURS', 'resize_u8', 'video_record', 'prepare', 'open_store',
-           'is_store', 'PreparedClips', 'collate_uint8', 'to_float', 'ShardSampler', 'loader_rate', 'bench_loader',
-           'loader_table']
+           'is_store', 'PreparedClips', 'collate_uint8', 'to_float', 'ShardSampler', 'StoreLoader', 'loader_rate',
+           'bench_loader', 'loader_table']
 
 # %% ../nbs/04b_prepare.ipynb #60fb8ccc
 STORE_FORMAT, STORE_VERSION = 'echofm-store', 1
@@ -227,15 +227,20 @@ class PreparedClips(Dataset):
         x = torch.from_numpy(self.frames(i)[idx]).transpose(0, 1)        # (C, n, S, S), a view of the (n, C, S, S) read
         return (x, dict(indices=idx, stride=s, **{k: r[k] for k in ('src', 'fps', 'period', 'ed', 'es')})) if return_info else x
     def __getitem__(self, i:int) -> torch.Tensor: return self.clip(i, rng=self._rng(i))
-    def __getitems__(self, ids:list) -> torch.Tensor:
-        "The DataLoader's batched read: uint8 (B, C, n_frames, S, S), each clip's frames copied once, straight into the batch."
-        C = max(self.man['shards'][self.shard_of[i]]['channels'] for i in ids)
-        out = np.empty((len(ids), C, self.n_frames, self.size, self.size), np.uint8)
+    def channels(self, ids) -> int:
+        "Channels of a batch of the videos `ids`: 3 when any of their shards is colour, else 1."
+        return max(self.man['shards'][self.shard_of[i]]['channels'] for i in ids)
+    def __getitems__(self, ids:list, out:torch.Tensor|None=None, rngs:list|None=None) -> torch.Tensor:
+        "The batched read: uint8 (B, C, n_frames, S, S), each clip's frames copied once, straight into the batch (or into `out`)."
+        C = self.channels(ids)
+        if out is None: out = torch.empty((len(ids), C, self.n_frames, self.size, self.size), dtype=torch.uint8)
+        o = out.numpy()
         for b, i in enumerate(ids):
             r, f = self.videos[i], self.frames(i)
-            idx = clip_indices(r['n_frames'], self.n_frames, self.stride(i), self.short, self._rng(i), None, r['src'])
-            for c in range(C): np.take(f[:, min(c, f.shape[1] - 1)], idx, axis=0, out=out[b, c], mode='clip')   # 'clip': unbuffered
-        return torch.from_numpy(out)
+            rng = rngs[b] if rngs is not None and self.seed is None else self._rng(i)    # a fixed `seed` keeps its fixed starts
+            idx = clip_indices(r['n_frames'], self.n_frames, self.stride(i), self.short, rng, None, r['src'])
+            for c in range(C): np.take(f[:, min(c, f.shape[1] - 1)], idx, axis=0, out=o[b, c], mode='clip')   # 'clip': unbuffered
+        return out
 
 # %% ../nbs/04b_prepare.ipynb #816f4d5f
 def collate_uint8(items) -> torch.Tensor:
@@ -277,6 +282,48 @@ class ShardSampler(Sampler):
     def __iter__(self): return iter(self._order(self.rank)[:self.num_samples][self.start:].tolist())
     def __len__(self): return self.num_samples - self.start
 
+# %% ../nbs/04b_prepare.ipynb #a5e0c1d2
+class StoreLoader:
+    "uint8 batches (B, C, T, S, S) of a `PreparedClips` in `sampler` order, read ahead by `num_workers` threads of this process."
+    def __init__(self, ds:PreparedClips, batch_size:int=8, sampler=None, num_workers:int=2, prefetch:int=2, seed:int|None=None,
+                 pin_memory:bool=False, reuse:bool=False, drop_last:bool=True):
+        self.ds, self.bs, self.sampler, self.W, self.prefetch, self.seed = ds, batch_size, sampler, num_workers, prefetch, seed
+        self.pin, self.reuse, self.drop_last, self._free = pin_memory, reuse, drop_last, queue.SimpleQueue()
+        self._n = batch_size * max(s['channels'] for s in ds.man['shards']) * ds.n_frames * ds.size**2   # the largest batch
+    def __len__(self):
+        n = len(self.sampler) if self.sampler is not None else len(self.ds)
+        return n // self.bs if self.drop_last else -(-n // self.bs)
+    def _buffer(self) -> torch.Tensor:
+        if self.pin: return torch.empty(self._n, dtype=torch.uint8, pin_memory=True)
+        try: return self._free.get_nowait()                            # a buffer the consumer is done with
+        except queue.Empty: return torch.empty(self._n, dtype=torch.uint8)
+    def _read(self, ids:list, base:list, pos:int) -> tuple:
+        "(batch, its buffer) of the videos `ids`, the clip at `pos + j` of the epoch started from the generator (*base, pos + j)."
+        ds, flat = self.ds, self._buffer()
+        shape = (len(ids), ds.channels(ids), ds.n_frames, ds.size, ds.size)
+        rngs = [np.random.default_rng([*base, pos + j]) for j in range(len(ids))]
+        return ds.__getitems__(ids, out=flat[:math.prod(shape)].view(shape), rngs=rngs), flat
+    def __iter__(self):
+        s = self.sampler
+        base = [self.seed if self.seed is not None else int(torch.randint(2**62, ())), getattr(s, 'epoch', 0), getattr(s, 'rank', 0)]
+        ids = list(s) if s is not None else list(range(len(self.ds)))
+        start = getattr(s, 'start', 0)                                  # a resumed epoch: positions go on from there
+        jobs = ((ids[k * self.bs:(k + 1) * self.bs], base, start + k * self.bs) for k in range(len(self)))
+        ex = ThreadPoolExecutor(self.W, thread_name_prefix='echofm-store') if self.W else None
+        run = (lambda j: ex.submit(self._read, *j)) if ex else (lambda j: j)
+        pending, held = collections.deque(map(run, itertools.islice(jobs, max(1, self.W * self.prefetch)))), None
+        try:
+            while pending:
+                j = pending.popleft()
+                x, flat = j.result() if ex else self._read(*j)
+                if held is not None and self.reuse: self._free.put(held)   # the batch before this one is done with
+                held = flat
+                nxt = next(jobs, None)
+                if nxt is not None: pending.append(run(nxt))
+                yield x
+        finally:
+            if ex: ex.shutdown(wait=True, cancel_futures=True)
+
 # %% ../nbs/04b_prepare.ipynb #8b43d527
 def _cpu_s() -> float:
     "CPU seconds used so far by this process and its reaped children (DataLoader workers)."
@@ -284,12 +331,14 @@ def _cpu_s() -> float:
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
-def loader_rate(ds, batch_size:int=8, num_workers:int=0, seconds:float=5., warmup:int=1, collate_fn=None, max_batches:int=10**6) -> dict:
-    "Clips per second of a shuffled `DataLoader` over `ds`, timed for about `seconds` after `warmup` batches; CPU seconds included."
+def loader_rate(ds, batch_size:int=8, num_workers:int=0, seconds:float=5., warmup:int=1, collate_fn=None, max_batches:int=10**6,
+                threads:bool=False) -> dict:
+    "Clips per second of a shuffled `DataLoader` (`threads`: a `StoreLoader`) over `ds`, timed for about `seconds` after `warmup` batches; CPU seconds included."
     n = max_batches * batch_size
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=n, generator=torch.Generator().manual_seed(0))
     c0, w0 = _cpu_s(), time.perf_counter()
-    dl = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, persistent_workers=False)
+    dl = (StoreLoader(ds, batch_size, sampler, num_workers, reuse=True) if threads else
+          DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, persistent_workers=False))
     it, clips, t = iter(dl), 0, None
     for b, x in enumerate(it):
         if b == warmup: t, clips = time.perf_counter(), 0
@@ -297,20 +346,20 @@ def loader_rate(ds, batch_size:int=8, num_workers:int=0, seconds:float=5., warmu
         if t is not None and time.perf_counter() - t > seconds: break
     wall = time.perf_counter() - t; del it, dl                                # workers end and are reaped
     cpu, per = _cpu_s() - c0, clips / wall                                     # CPU: warm-up and prefetched batches too (an upper bound)
-    return dict(clips=clips, seconds=wall, clips_per_s=per, clips_per_s_per_worker=per / max(1, num_workers),
+    return dict(loader='threads' if threads else 'processes' if num_workers else 'in-process', clips=clips, seconds=wall, clips_per_s=per, clips_per_s_per_worker=per / max(1, num_workers),
                 clips_per_cpu_s=(clips + warmup * batch_size) / cpu, clip_mb=x[0].nelement() * x.element_size() / 1e6, dtype=str(x.dtype).replace('torch.', ''))
 
 # %% ../nbs/04b_prepare.ipynb #e3c82430
 def bench_loader(data, n_frames:int=32, batch_size:int=8, num_workers:int=0, seconds:float=5., raw:str|None='auto',
-                 json_out=None, quiet:bool=False) -> dict:
-    "Clips/s of a prepared store `data` and, side by side, of the raw folder it came from (`raw`: 'auto' = the store's source)."
+                 json_out=None, quiet:bool=False, threads:bool=True) -> dict:
+    "Clips/s of a prepared store `data` (read by `num_workers` threads, or DataLoader processes unless `threads`) and, side by side, of the raw folder it came from (`raw`: 'auto' = the store's source; DataLoader processes)."
     from echofm.clips import EchoFolder
     from echofm.bench import machine
     res, load0 = dict(machine=machine(), n_frames=n_frames, batch_size=batch_size, num_workers=num_workers), os.getloadavg()
     if is_store(data):                                                    # a store (open_store explains an unfinished one)
         ds = PreparedClips(data, n_frames)
         res['size'] = ds.size
-        res['store'] = dict(path=str(data), **loader_rate(ds, batch_size, num_workers, seconds, collate_fn=collate_uint8))
+        res['store'] = dict(path=str(data), **loader_rate(ds, batch_size, num_workers, seconds, collate_fn=collate_uint8, threads=threads))
         if raw == 'auto': raw = ds.man['source'] if Path(ds.man['source']).is_dir() else None
     elif raw == 'auto': raw = data                                           # a folder of videos: the raw rate only
     if raw:
@@ -334,9 +383,9 @@ def loader_table(res:dict) -> str:
     "The result of `bench_loader` as a few lines of text."
     lines = [res['machine'], f"clips {res['n_frames']}x{res['size']}x{res['size']}, batch {res['batch_size']}, {res['num_workers']} workers;"
              f" load average {res['loadavg'][0]:.1f} before, {res['loadavg'][3]:.1f} after",
-             f"{'source':<8}{'dtype':>7}{'MB/clip':>9}{'clips/s':>9}{'per worker':>12}{'clips/CPU-s':>13}"]
+             f"{'source':<8}{'workers':>11}{'dtype':>8}{'MB/clip':>9}{'clips/s':>9}{'per worker':>12}{'clips/CPU-s':>13}"]
     for k in ('store', 'raw'):
-        if k in res: r = res[k]; lines.append(f"{k:<8}{r['dtype']:>7}{r['clip_mb']:>9.1f}{r['clips_per_s']:>9.1f}"
+        if k in res: r = res[k]; lines.append(f"{k:<8}{r.get('loader', ''):>11}{r['dtype']:>8}{r['clip_mb']:>9.1f}{r['clips_per_s']:>9.1f}"
                                               f"{r['clips_per_s_per_worker']:>12.1f}{r['clips_per_cpu_s']:>13.1f}")
     if 'speedup' in res: lines.append(f"store / raw: {res['speedup']:.1f}x")
     return '\n'.join(lines)
