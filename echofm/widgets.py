@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_widgets.ipynb #2d2ca786
 from __future__ import annotations
-import base64, functools, io
+import base64, contextlib, functools, io
 from pathlib import Path
 import numpy as np, torch
 from torch import Tensor
@@ -24,10 +24,11 @@ from .metrics import dice
 
 # %% auto #0
 __all__ = ['MARK_RGB', 'STRUCTURES', 'phantom', 'as_video', 'as_model', 'to_uint8', 'png_uri', 'from_uri', 'u8_video', 'Panel',
-           'mask_grid', 'leaks', 'shade_hidden', 'mask_explorer', 'reconstruction_frames', 'reconstruction_viewer',
-           'slice_similarity', 'anchor_marks', 'marked_strip', 'similarity_explorer', 'ecg_marks', 'ecg_viewer',
-           'pca_2d', 'cardiac_phase', 'slice_trajectory', 'trajectory_viewer', 'training_dashboard', 'overlay',
-           'dice_scores', 'finetuner_masks', 'predict_masks', 'segmentation_viewer', 'check']
+           'headless', 'mask_grid', 'leaks', 'shade_hidden', 'mask_explorer', 'reconstruction_frames',
+           'reconstruction_viewer', 'slice_similarity', 'anchor_marks', 'marked_strip', 'similarity_explorer',
+           'ecg_marks', 'ecg_viewer', 'pca_2d', 'cardiac_phase', 'slice_trajectory', 'trajectory_viewer',
+           'training_dashboard', 'overlay', 'dice_scores', 'finetuner_masks', 'predict_masks', 'segmentation_viewer',
+           'check']
 
 # %% ../nbs/19_widgets.ipynb #44ce428e
 @functools.lru_cache(maxsize=4)
@@ -102,6 +103,16 @@ def _player(n:int, description:str='frame', interval:int=120) -> tuple:
     p = W.Play(value=0, min=0, max=max(n - 1, 0), interval=interval, description='play')
     W.jslink((p, 'value'), (s, 'value'))
     return p, s
+
+# %% ../nbs/19_widgets.ipynb #a3e1c0d2
+@contextlib.contextmanager
+def headless():
+    "Widgets created in this block open no channel to the browser (they live in the kernel only): for tests that drive explorers from Python."
+    import comm
+    made = comm.create_comm
+    comm.create_comm = comm.DummyComm                    # what ipywidgets uses when no frontend is attached
+    try: yield
+    finally: comm.create_comm = made
 
 # %% ../nbs/19_widgets.ipynb #7e16f809
 def mask_grid(kind:str='tube', ratio:float=0.75, seed:int=0, cfg:EchoFMConfig|None=None) -> np.ndarray:
