@@ -2,8 +2,10 @@
 """Browser test of the widgets: JupyterLab on localhost, the widgets notebook run in Debian's chromium by Playwright.
 
 Starts JupyterLab (random free port, random token, no browser) on a copy of nbs/19_widgets.ipynb in a temporary
-folder (so nothing is saved into the repository), runs every cell, checks that no cell raised, moves the seed
-slider of the mask explorer, checks that its figure changed, and saves screenshots under ci-artifacts/.
+folder (so nothing is saved into the repository), runs the code cells one by one as a reader does, checks that no
+cell raised and that each of the seven explorers draws its figure (plotly traces in the page) before the next cell
+runs, moves the seed slider of the mask explorer, checks that its figure changed, checks the page logged no error,
+and saves screenshots under ci-artifacts/.
 JupyterLab is killed at the end, whatever happens. Exit status 0 on success.
 Usage: python .ci/browser_test.py [--chromium /usr/bin/chromium] [--out ci-artifacts] [--timeout 900]
 """
@@ -54,36 +56,63 @@ def stop_lab(proc):
         except ProcessLookupError: pass
         proc.wait(10)
 
-RESUME_JS = """() => {
-  const w = window.jupyterapp.shell.currentWidget, cells = w.content.model.toJSON().cells;
-  const i = cells.findIndex(c => c.cell_type === 'code' && c.execution_count == null);
-  if (i >= 0) { w.content.activeCellIndex = i; window.jupyterapp.commands.execute('notebook:run-all-below'); }
-  return i;
-}"""
-
 STATE_JS = """() => {
   const app = window.jupyterapp; if (!app) return null;
   const w = app.shell.currentWidget;
   if (!w || !w.content || !w.sessionContext || !w.context || w.context.path !== '%s') return null;
   const k = w.sessionContext.session && w.sessionContext.session.kernel;
-  const cells = w.content.model.toJSON().cells.filter(c => c.cell_type === 'code');
-  const src = c => [].concat(c.source).join('').slice(0, 70);
-  return {kernel: k ? k.status : null, n: cells.length, done: cells.filter(c => c.execution_count != null).length,
-          pending: cells.filter(c => c.execution_count == null).map(src),
-          errors: cells.flatMap(c => c.outputs.filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue))};
+  return {kernel: k ? k.status : null, types: w.content.model.toJSON().cells.map(c => c.cell_type)};
 }""" % NB
 
-def wait_for(page, pred, what:str, timeout:float, every:float=2., report:float=30.):
+RUN_JS = """i => { const w = window.jupyterapp.shell.currentWidget; w.content.activeCellIndex = i;
+                 window.jupyterapp.commands.execute('notebook:run-cell'); return true; }"""
+
+CELL_JS = """i => { const w = window.jupyterapp.shell.currentWidget, c = w.content.model.toJSON().cells[i];
+                  const k = w.sessionContext.session && w.sessionContext.session.kernel;
+                  return {n: c.execution_count, kernel: k ? k.status : null, src: [].concat(c.source).join('').slice(0, 60),
+                          errors: c.outputs.filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)}; }"""
+
+PANELS_JS = """() => Array.from(document.querySelectorAll('[class*="echofm-"].widget-vbox')).map(p => {
+  const e = p.querySelector('.js-plotly-plot');
+  return {name: Array.from(p.classList).find(c => c.startsWith('echofm-')).slice(7), traces: e && e.data ? e.data.length : 0}; })"""
+
+EXPLORERS = ('mask-explorer', 'reconstruction-viewer', 'similarity-explorer', 'ecg-viewer', 'trajectory-viewer',
+             'training-dashboard', 'segmentation-viewer')
+
+def wait_for(page, pred, what:str, timeout:float, every:float=1., report:float=30.):
     "Poll the notebook's state until `pred(state)`; log it every `report` s; TimeoutError after `timeout` s."
     t0 = last = time.time(); st = None
     while time.time() - t0 < timeout:
         st = page.evaluate(STATE_JS)
         if st is not None and pred(st): return st
-        if time.time() - last > report:
-            short = {k: v for k, v in (st or {}).items() if k != 'pending' or len(v) <= 5}   # pending sources only near the end
-            log(f'{what}: waiting, {time.time() - t0:.0f} s, state {short}'); last = time.time()
+        if time.time() - last > report: log(f'{what}: waiting, {time.time() - t0:.0f} s, kernel {(st or {}).get("kernel")}'); last = time.time()
         time.sleep(every)
-    raise TimeoutError(f'{what}: not after {timeout:.0f} s (last state {st})')
+    raise TimeoutError(f'{what}: not after {timeout:.0f} s (kernel {(st or {}).get("kernel")})')
+
+def run_cell(page, i:int, timeout:float) -> dict:
+    """Run code cell `i` alone and wait for its reply. One cell at a time, as a reader does: a kernel handed the whole
+    notebook at once (run all) was seen to leave queued cells unrun; and the browser gets each displayed figure alone."""
+    for attempt in (1, 2):
+        t0 = time.time(); page.evaluate(RUN_JS, i); idle = 0
+        while time.time() - t0 < timeout:
+            c = page.evaluate(CELL_JS, i)
+            if c['n'] is not None: return dict(c, seconds=time.time() - t0)
+            idle = idle + 1 if c['kernel'] == 'idle' else 0
+            if idle > 40: break                                      # ~10 s idle, no reply: the request was lost, send it again
+            time.sleep(0.25)
+        else: raise TimeoutError(f"cell {i} ({c['src']!r}) not done after {timeout:.0f} s")
+        log(f"cell {i} ({c['src']!r}): no reply and the kernel idle; running it again")
+    raise AssertionError(f"cell {i} ({c['src']!r}) never ran")
+
+def wait_rendered(page, timeout:float) -> list:
+    "Wait until every explorer on the page draws its figure (a plotly plot with traces); -> the panels."
+    t0 = time.time()
+    while True:
+        panels = page.evaluate(PANELS_JS)
+        if all(p['traces'] > 0 for p in panels): return panels
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"explorers with an empty figure after {timeout:.0f} s: {[p['name'] for p in panels if not p['traces']]}")
+        time.sleep(0.5)
 
 def image_href(page, sel:str):
     "The href of the first image a plotly figure under `sel` draws (a PNG data URI), or None."
@@ -91,34 +120,34 @@ def image_href(page, sel:str):
                                    return e ? (e.getAttribute('href') || e.getAttribute('xlink:href')) : null; }""", sel)
 
 def check_page(browser, url:str, token:str, out:Path, timeout:float):
-    "Open the notebook, run it, move a slider, check the figure, take screenshots."
+    "Open the notebook, run it cell by cell, check every explorer draws, move a slider, check the figure, take screenshots."
     log(f'chromium {browser.version} launched')
     page = browser.new_page(viewport={'width': 1300, 'height': 1000})
     page.set_default_timeout(60_000)
-    page.on('pageerror', lambda e: log('page error:', e))
+    problems = []                                                # page errors and anywidget's console errors fail the test
+    page.on('pageerror', lambda e: (log('page error:', e), problems.append(str(e))))
+    page.on('console', lambda m: m.type == 'error' and 'anywidget' in m.text and (log('console error:', m.text), problems.append(m.text)))
     for attempt in range(3):
         try:
             page.goto(f'{url}/lab/tree/{NB}?token={token}', wait_until='domcontentloaded', timeout=90_000)
             log('JupyterLab page loaded')
-            wait_for(page, lambda s: s['kernel'] == 'idle', 'notebook open, kernel idle', 180)
+            st = wait_for(page, lambda s: s['kernel'] == 'idle', 'notebook open, kernel idle', 180)
             break
         except Exception as e:
             log(f'opening the notebook failed (try {attempt + 1}): {e}')
             if attempt == 2: raise
-    log('kernel idle: running all cells')
-    t0 = time.time()
-    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")   # no await: poll
-    quiet = []                                                   # the kernel idle for three polls in a row: the run is over
-    def over(s):
-        quiet.append(s['kernel'] == 'idle' and s['done'] > 0); return s['done'] == s['n'] and quiet[-1] or bool(s['errors']) or quiet[-3:] == [True] * 3
-    for attempt in range(3):                                     # a dropped kernel connection can leave queued cells unrun
-        st = wait_for(page, over, 'all cells run', timeout - (time.time() - t0), every=3)
-        if st['errors'] or st['done'] == st['n']: break
-        quiet.clear()
-        log(f"{st['n'] - st['done']} cells not run (kernel connection lost?): running from cell {page.evaluate(RESUME_JS)} on")
-    log(f"ran {st['done']}/{st['n']} code cells in {time.time() - t0:.0f} s")
-    if st['errors']: raise AssertionError(f"cells raised: {st['errors']}")
-    if st['done'] < st['n']: raise AssertionError(f"cells not run: {st['pending']}")
+    code = [i for i, t in enumerate(st['types']) if t == 'code']
+    log(f'kernel idle: running the {len(code)} code cells one by one')
+    t0 = time.time(); shown = 0
+    for i in code:
+        c = run_cell(page, i, max(60., timeout - (time.time() - t0)))
+        if c['seconds'] > 10: log(f"cell {i} ({c['src']!r}) took {c['seconds']:.0f} s")
+        if c['errors']: raise AssertionError(f"cell {i} ({c['src']!r}) raised: {c['errors']}")
+        panels = wait_rendered(page, 90)                         # a displayed explorer draws before the next cell runs
+        if len(panels) > shown: log(f"cell {i}: {panels[-1]['name']} drawn ({panels[-1]['traces']} traces)"); shown = len(panels)
+    log(f'ran {len(code)} code cells in {time.time() - t0:.0f} s')
+    missing = set(EXPLORERS) - {p['name'] for p in panels}
+    assert not missing, f'explorers not on the page: {sorted(missing)}'
     sel = '.echofm-mask-explorer'
     panel = page.locator(sel).first
     panel.wait_for(state='attached', timeout=60_000)
@@ -151,6 +180,7 @@ def check_page(browser, url:str, token:str, out:Path, timeout:float):
     sim = page.locator('.echofm-similarity-explorer').first
     sim.scroll_into_view_if_needed(); sim.screenshot(path=str(out/'similarity_explorer.png'))
     log(f'screenshots in {out}')
+    assert not problems, f'errors in the page: {problems}'
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
