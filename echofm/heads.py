@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from einops import rearrange
-from monai.networks.blocks import UnetrPrUpBlock, UnetrUpBlock, UnetOutBlock
+from monai.networks.blocks import UnetrPrUpBlock, UnetrUpBlock, UnetrBasicBlock, UnetResBlock, UnetOutBlock
 
 # %% auto #0
-__all__ = ['MODES', 'feature_depths', 'encoder_features', 'PoolHead', 'UNETRHead', 'LinearSegHead', 'layer_id', 'Finetuner',
-           'affine_theta', 'augment_seg', 'augment_flip']
+__all__ = ['MODES', 'feature_depths', 'encoder_features', 'PoolHead', 'UNETRHead', 'slice_frames', 'LinearSegHead', 'layer_id',
+           'Finetuner', 'affine_theta', 'augment_seg', 'augment_flip']
 
 # %% ../nbs/15_heads.ipynb #99c10d98
 def feature_depths(depth:int, n:int=4) -> tuple:
@@ -48,7 +48,7 @@ class PoolHead(nn.Module):
 # %% ../nbs/15_heads.ipynb #abf160fb
 class UNETRHead(nn.Module):
     "UNETR decoder from MONAI blocks: 4 token grids (B, N, D) -> per-frame logits (B, n_classes, T, H, W)."
-    def __init__(self, cfg, n_classes:int=4, feature_size:int=16, kernel=(1, 3, 3), norm:str='batch'):
+    def __init__(self, cfg, n_classes:int=4, feature_size:int=16, kernel=(1, 3, 3), norm:str='batch', pixels:bool=True):
         super().__init__()
         if cfg.patch != 16: raise ValueError(f"UNETRHead up-samples 16x16 patches (4 doublings), got patch {cfg.patch}")
         self.cfg, self.n_classes = cfg, n_classes
@@ -60,16 +60,30 @@ class UNETRHead(nn.Module):
         self.up4 = UnetrUpBlock(3, D, 4*f, **kw)                                   # depth L: H/16 -> H/8, + skip4
         self.up3 = UnetrUpBlock(3, 4*f, 2*f, **kw)                                 # -> H/4, + skip3
         self.up2 = UnetrUpBlock(3, 2*f, f, **kw)                                   # -> H/2, + skip2
+        self.pixels = UnetrBasicBlock(3, cfg.in_chans * cfg.tubelet, f, kernel_size=kernel, stride=s, norm_name=norm,
+                                      res_block=True) if pixels else None          # the image, slice frames as channels -> H/2
+        self.up1 = UnetResBlock(3, 2*f, f, kernel_size=kernel, stride=1, norm_name=norm) if pixels else None   # + pixels
         self.out = UnetOutBlock(3, f, n_classes * cfg.tubelet)                     # K classes x t frames per slice
 
-    def forward(self, feats:list[Tensor]) -> Tensor:
+    def forward(self, feats:list[Tensor], video:Tensor|None=None, slices:Tensor|None=None) -> Tensor:
+        "Token grids of 4 depths (+ the normalised clip (B,C,T,H,W) for the pixel path) -> logits (B, K, T, H, W); only `slices` if given."
         Tp, Hp, Wp = self.cfg.grid
         z = [rearrange(f, 'b (t h w) d -> b d t h w', t=Tp, h=Hp, w=Wp) for f in feats]   # 4 x (B, D, T', H', W')
+        if slices is not None: z = [g[:, :, slices] for g in z]                    # the decoder never mixes slices
         d = self.up4(z[3], self.skip4(z[2]))                                       # (B, 4f, T', H/8, W/8)
         d = self.up3(d, self.skip3(z[1]))                                          # (B, 2f, T', H/4, W/4)
         d = self.up2(d, self.skip2(z[0]))                                          # (B, f, T', H/2, W/2)
+        if self.pixels is not None:
+            if video is None: raise ValueError("this UNETRHead has a pixel path: call it with the video too")
+            px = rearrange(video, 'b c (n t) h w -> b (c t) n h w', t=self.cfg.tubelet)  # (B, C t, T', H, W)
+            px = self.pixels(px if slices is None else px[:, :, slices])           # (B, f, T', H/2, W/2)
+            d = self.up1(torch.cat([d, px], 1))                                    # (B, f, T', H/2, W/2)
         y = rearrange(self.out(d), 'b (k t) n h w -> b k (n t) h w', t=self.cfg.tubelet)    # (B, K, T, H/2, W/2)
         return F.interpolate(y, scale_factor=(1, 2, 2), mode='trilinear', align_corners=False)  # (B, K, T, H, W)
+
+def slice_frames(slices:Tensor, t:int) -> Tensor:
+    "Frame indices of tubelet slices `slices` (t frames each), in order: (2, 0) -> (4, 5, 0, 1) for t=2."
+    return (slices[:, None] * t + torch.arange(t, device=slices.device)).flatten()
 
 # %% ../nbs/15_heads.ipynb #43caa25b
 class LinearSegHead(nn.Module):
@@ -111,10 +125,13 @@ class Finetuner(nn.Module):
         self.model.eval()
         with torch.no_grad(): return encoder_features(self.model, video, depths)
 
-    def forward(self, video:Tensor) -> Tensor:
-        "Clips (B,3,T,H,W) in [0,1] -> logits (B, n_out) or (B, n_classes, T, H, W)."
+    def forward(self, video:Tensor, slices:Tensor|None=None) -> Tensor:
+        "Clips (B,3,T,H,W) in [0,1] -> logits (B, n_out) or (B, n_classes, T, H, W); segmentation of tubelet `slices` only if given."
         f = self.features(video)
-        return self.head(f[-1]) if self.kind == 'cls' else self.head(f)
+        if self.kind == 'cls': return self.head(f[-1])
+        if isinstance(self.head, UNETRHead): return self.head(f, self.model.normalize(video), slices)
+        y = self.head(f)
+        return y if slices is None else y[:, :, slice_frames(slices, self.cfg.tubelet)]
 
     def param_groups(self, lr:float, weight_decay:float=0.05, layer_decay:float=0.75) -> list[dict]:
         "AdamW groups: the head at `lr`; in `full` mode encoder layer i at lr * layer_decay**(depth+1-i); no decay on 1-D params."
