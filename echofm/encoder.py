@@ -20,7 +20,8 @@ __all__ = ['PRESETS', 'EXTRA_FLOPS', 'EchoFMConfig', 'init_vit_', 'vit_blocks', 
 
 # %% ../nbs/07_encoder.ipynb #81e6dc9e
 _CHOICES = dict(pos_embed=('learned', 'sincos', 'sincos_joint'), objective=('two_pass', 'single_pass', 'mae'),
-                mining=('random', 'hard'), mining_space=('embedding', 'pixel'), sim=('l2', 'cosine'))
+                mining=('random', 'hard'), mining_space=('embedding', 'pixel'), sim=('l2', 'cosine'),
+                positives=('mean', 'nearest'))
 
 @dataclass
 class EchoFMConfig:
@@ -57,6 +58,7 @@ class EchoFMConfig:
     adjacent: int = 1            # slices this close to the anchor are never negatives
     mining: str = 'random'       # 'random' | 'hard'
     mining_space: str = 'pixel'  # 'pixel' (echofm) | 'embedding' (paper: the model's own S)
+    positives: str = 'nearest'   # 'nearest' (echofm: the closest slice beyond `adjacent`) | 'mean' (paper: below the row mean)
     sim: str = 'l2'              # 'l2' (paper) | 'cosine'
     slice_norm: bool = True      # L2-normalise z_cls, distances in [0, 2] (echofm); False: raw (paper)
 

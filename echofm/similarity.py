@@ -31,13 +31,23 @@ def pair_dist(a:Tensor, b:Tensor, sim:str='l2') -> Tensor:
     return 1 - F.cosine_similarity(a, b, dim=-1)
 
 # %% ../nbs/10_similarity.ipynb #bbd8a45a
-def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5) -> tuple[Tensor, Tensor]:
-    "Positive and negative masks (B,T,T) bool for every anchor row of the distances `S` (B,T,T), thresholded at the row mean."
+def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5, rule:str='mean') -> tuple[Tensor, Tensor]:
+    """Positive and negative masks (B,T,T) bool for every anchor row of the distances `S` (B,T,T). `rule` 'mean' (the paper):
+    positives below the row mean, negatives above it and beyond `adjacent`; 'nearest': the one closest slice beyond `adjacent`
+    is the positive, every other slice beyond `adjacent` a negative."""
     T = S.shape[-1]
-    thres = S.mean(-1, keepdim=True)                                   # (B,T,1), diagonal included
-    band = rtol * S.abs().amax(-1, keepdim=True)                       # ties: |S - thres| <= band
     i = torch.arange(T, device=S.device)
     gap = (i[:, None] - i[None, :]).abs()                              # (T,T) |i - j|
+    band = rtol * S.abs().amax(-1, keepdim=True)                       # ties: values within `band` are equal
+    if rule == 'nearest':
+        far = (gap > adjacent).expand_as(S)
+        d = S.masked_fill(~far, torch.inf)
+        v, j = d.min(-1, keepdim=True)                                 # (B,T,1) the closest slice not next to the anchor
+        one = (d <= v + band).sum(-1, keepdim=True) == 1               # a tie for the closest: no triplet for this anchor
+        pos = torch.zeros_like(far).scatter_(-1, j, True) & far & one
+        return pos, far & ~pos & one
+    if rule != 'mean': raise ValueError(f"rule must be 'mean' or 'nearest', got {rule!r}")
+    thres = S.mean(-1, keepdim=True)                                   # (B,T,1), diagonal included
     pos = (S < thres - band) & (gap > 0)
     neg = (S > thres + band) & (gap > adjacent)
     return pos, neg
