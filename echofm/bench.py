@@ -182,7 +182,7 @@ def bench(preset:str='small',              # model size: tiny | small | base | l
           json_out:str=None,               # also write the results as JSON here
           loader:store_true=False,         # time the data loader instead (echofm.prepare.bench_loader), on --data
           data:str=None,                   # with --loader: a store made by `echofm prepare` (timed beside its source folder) or a video folder
-          num_workers:int=0,               # with --loader: DataLoader worker processes
+          num_workers:int=0,               # with --loader: loader threads (a store) or DataLoader worker processes (a raw folder)
          ) -> list:
     "Time EchoFM's pretraining step: ms/step, clips/s, peak memory, FLOPs/step, FLOP/s and MFU."
     from echofm.model import EchoFM, EchoFMConfig
