@@ -24,7 +24,7 @@ _all_ = ['EchoFMConfig']   # re-exported: `from echofm.model import EchoFM, Echo
 
 # %% ../nbs/11_model.ipynb #1e786cd6
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PAPER_PCL = dict(mining_space='embedding', slice_norm=False)   # the paper's PCL as printed (echofm's defaults differ: 20_probe)
+PAPER_PCL = dict(mining_space='embedding', slice_norm=False, positives='mean')   # the paper's PCL as printed (echofm's defaults differ: 20_probe)
 
 class EchoFM(nn.Module):
     "EchoFM: ViT encoder, MAE decoder and per-slice projector; `forward(video)` -> dict of the losses of Eqs. 1-4."
@@ -89,7 +89,7 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
     else:
         S = self.mining_similarity(x, z)                                        # pass 1 (uniform), no gradient
         z_cls = self.slice_embed(z_tube)                                        # pass 2 (tube): (B, T', D)
-    pos, neg = triplet_masks(S, c.adjacent)                                     # (B, T', T') bool
+    pos, neg = triplet_masks(S, c.adjacent, rule=c.positives)                  # (B, T', T') bool
     loss_con, st = triplet_loss(z_cls, pos, neg, c.margin, c.mining, generator, c.sim, S=S)   # Eq. 3
     spread = self_similarity(z_cls.detach(), c.sim).sum((-2, -1)).mean() / (c.n_slices * (c.n_slices - 1))   # mean S_ij, i != j
     return dict(loss=loss_rec + c.lambda_c * loss_con, loss_rec=loss_rec, loss_con=loss_con, **st, spread=spread)
