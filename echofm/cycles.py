@@ -15,8 +15,9 @@ from .core import EchoDataError, EchoVideo
 # %% auto #0
 __all__ = ['IRREGULAR_CV', 'ed_es_full_cycle', 'detect_r_peaks', 'r_peak_frames', 'beats', 'CycleEstimate', 'rhythm_cv',
            'cycle_from_ecg', 'frame_features', 'frame_distances', 'lag_profile', 'lag_range', 'period_from_profile',
-           'motion_curve', 'beat_events', 'beat_lengths', 'censored_lengths', 'image_rhythm_cv', 'cycle_from_images',
-           'estimate_cycle', 'pingpong_index', 'reverse_pad', 'ed_es_cycle', 'cycle_stride']
+           'motion_curve', 'beat_events', 'beat_lengths', 'censored_lengths', 'image_rhythm_cv', 'local_periods',
+           'similarity_spread', 'cycle_from_images', 'estimate_cycle', 'pingpong_index', 'reverse_pad', 'ed_es_cycle',
+           'cycle_stride']
 
 # %% ../nbs/03_cycles.ipynb #5c1bf12b
 def _beat_corr(x:np.ndarray, peaks:np.ndarray, fs:float) -> np.ndarray:
@@ -188,12 +189,36 @@ def _min_dist(period:float, fps:float|None) -> int:
     "Fewest frames between two beats' extremes: 0.3 s (200 bpm) with a frame rate, else 0.3 of the period."
     return max(2, int(0.3 * fps) if fps else int(0.3 * period))
 
+# %% ../nbs/03_cycles.ipynb #c3d1e002
+def local_periods(D:np.ndarray, period:float, fps:float|None=None, window:float=0.25, lags=(0.45, 1.8), depth:float=0.5) -> np.ndarray:
+    "(first frame, local cycle length) of each window of `window`*`period` frames: the lag in `lags`*`period` where its frames recur."
+    T = len(D); w = max(2, int(round(window * period)))
+    lo, hi = max(2, int(lags[0] * period), int(0.3 * fps) if fps else 0), min(T - 2, int(lags[1] * period))
+    E = np.zeros((T, T))
+    for tau in range(T): E[:T - tau, tau] = np.diagonal(D, tau)      # E[i, tau] = D[i, i + tau]
+    c = np.cumsum(np.vstack([np.zeros(T), E]), 0)
+    Ew = (c[w:] - c[:-w]) / w                                          # rows averaged over windows of w frames
+    out = []
+    for i in range(T - w + 1):
+        top = min(hi, T - i - w)                                       # every frame of the window has its lag in the clip
+        if top <= lo + 1: break
+        row = Ew[i, :top + 1]; k = lo + int(np.argmin(row[lo:]))
+        if lo < k < top and row[k] <= depth * row[lo:].max(): out.append((i, _parabolic(row, k)))
+    return np.array(out).reshape(-1, 2)
+
+def similarity_spread(D:np.ndarray, period:float, fps:float|None=None) -> float:
+    "CV_D: (q90 - q10) / (q90 + q10) of the local cycle lengths (0 with fewer than 2 windows)."
+    lp = local_periods(D, period, fps)[:, 1]
+    if len(lp) < 2: return 0.
+    q1, q9 = np.percentile(lp, [10, 90])
+    return float((q9 - q1) / (q9 + q1))
+
 # %% ../nbs/03_cycles.ipynb #2f1ce4fa
 def cycle_from_images(frames:np.ndarray, fps:float|None=None, path='<video>') -> CycleEstimate:
     "`CycleEstimate` from the self-similarity of the frames (no ECG needed)."
     D = frame_distances(frames)
     P = period_from_profile(lag_profile(D), *lag_range(len(D), fps), path=path)
-    cv = image_rhythm_cv(motion_curve(frames), P, fps)
+    cv = max(image_rhythm_cv(motion_curve(frames), P, fps), similarity_spread(D, P, fps))   # extremes, and recurring frames
     return CycleEstimate(P, 60 * fps / P if fps else None, cv > IRREGULAR_CV, 'image', cv)
 
 def estimate_cycle(video:EchoVideo, use_ecg:bool=True) -> CycleEstimate:
