@@ -13,7 +13,7 @@ from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .core import EchoDataError, command
 from .synth import synth_echo, simpson_volume, VIEWS, AS_LABELS
-from .heads import Finetuner, augment_seg, augment_flip, MODES
+from .heads import Finetuner, augment_seg, augment_flip, slice_frames, MODES
 from . import metrics as M
 
 # %% auto #0
@@ -53,14 +53,14 @@ def _render(args) -> dict:
     "One phantom clip for a task set: (task, patient, seed, view, hr, grades, T, size) -> dict(x, masks, y, ...)."
     task, pid, s, view, hr, asg, arg, T, size = args
     kw = dict(as_grade=asg) if task == 'as' else dict(ar_grade=arg, doppler=True) if task == 'ar' else {}
-    v = synth_echo(s, view, n_frames=T, fps=T * hr / 60, hr=hr, size=size, **kw)
+    v = synth_echo(s, view, n_frames=T, fps=T * hr / 60, hr=hr, hrv=0., size=size, **kw)   # one exact cycle: one ED, one ES
     y = dict(view=VIEWS.index(view), seg=0, ef=100 * v.ef, ar=ar_severe(arg), **{'as': as_group(asg)})[task]
     return dict(x=v.frames, masks=v.masks if task == 'seg' else None, y=y, patient=pid, view=view,
                 ed=int(v.ed[0]), es=int(v.es[0]), spacing=v.spacing[0], grade=asg if task == 'as' else arg)
 
 def _cache_key(*args) -> str:
     import echofm.synth
-    src = inspect.getsource(echofm.synth)
+    src = inspect.getsource(echofm.synth) + inspect.getsource(_render)         # a changed phantom or task rendering: anew
     return hashlib.sha1((repr(args) + src).encode()).hexdigest()[:12]
 
 def phantom_task(task:str, n_patients:int|None=None, n_frames:int=16, size:int=112, seed:int=0,
@@ -85,7 +85,9 @@ def phantom_task(task:str, n_patients:int|None=None, n_frames:int=16, size:int=1
     d['masks'] = np.stack(d['masks']) if task == 'seg' else None
     split = _split(d['patient'], seed)
     d.update(split=[split[p] for p in d['patient']], task=task, name=[f"phantom{p:04d}_{v}" for p, v in zip(d['patient'], d['view'])])
-    if cache: path.parent.mkdir(parents=True, exist_ok=True); torch.save(d, path)
+    if cache:                                                                   # written whole or not at all (an interrupted run)
+        path.parent.mkdir(parents=True, exist_ok=True); torch.save(d, path.with_suffix(f'.{os.getpid()}.tmp'))
+        os.replace(path.with_suffix(f'.{os.getpid()}.tmp'), path)
     return d
 
 # %% ../nbs/17_finetune.ipynb #db87c8e8
@@ -229,7 +231,7 @@ def _better(metric:str, a:float, b:float) -> bool:
 # %% ../nbs/17_finetune.ipynb #80e5cd0f
 def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:float=3., batch_size:int|None=None,
         lr:float|None=None, weight_decay:float=0.05, layer_decay:float=0.75, seed:int=0, device='cpu',
-        progress:bool=True) -> dict:
+        slices:int=2, progress:bool=True) -> dict:
     "Train the head (and, in `full` mode, the encoder) of `ft` on the train split of task set `d`; keep the best on val."
     torch.manual_seed(seed); gen = torch.Generator().manual_seed(seed)
     ft.to(device); dev = torch.device(device)
@@ -247,14 +249,16 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
     opt = torch.optim.AdamW(ft.param_groups(lr, weight_decay, layer_decay))
     for g in opt.param_groups: g['base_lr'] = g['lr']
     loss_fn, total, t0 = _loss_fn(task), epochs * steps_per, time.time()
-    best, best_state, hist, step = float('nan'), None, [], 0
+    best, best_state, hist, step, loss, done = float('nan'), None, [], 0, torch.tensor(float('nan')), False
     eval_every = max(1, epochs // 30) if fast else 1
     bar = tqdm(total=total, disable=not progress, desc=f"{task} {ft.mode}", leave=False)
     for ep in range(epochs):
         ft.train()
         if ft.mode != 'full': ft.model.eval()
         for b in _batches(len(tr), bs, gen):
-            f = min(1., (step + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * step / total))   # warm-up, cosine
+            p = max(step / total, (time.time() - t0) / (60 * max_minutes))     # progress: steps or time, whichever runs out first
+            if p >= 1: done = True; break
+            f = min(1., p / 0.05) * 0.5 * (1 + math.cos(math.pi * p))           # 5% warm-up, then cosine to 0
             for g in opt.param_groups: g['lr'] = g['base_lr'] * f
             y = Y[tr][b].to(dev)
             if fast:
@@ -265,12 +269,14 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
                 m = torch.from_numpy(d['masks'][tr][b.numpy()]).to(dev)
                 lab = torch.ones(m.shape[:2], dtype=torch.bool) if d.get('labelled') is None else torch.from_numpy(d['labelled'][tr][b.numpy()])
                 v, m = augment_seg(_float(X[tr][b].to(dev)), m, gen)
-                loss = loss_fn(ft(v), m, lab.to(dev))
+                sl = torch.randperm(ft.cfg.grid[0], generator=gen)[:slices]          # decode a few tubelet slices per step
+                fr = slice_frames(sl, ft.cfg.tubelet)
+                loss = loss_fn(ft(v, sl.to(dev)), m[:, fr.to(dev)], lab.to(dev)[:, fr.to(dev)])
             else:
                 loss = loss_fn(ft(augment_flip(_float(X[tr][b].to(dev)), gen)), y)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); step += 1
             bar.update(1)
-        if (ep + 1) % eval_every == 0 or ep == epochs - 1 or time.time() - t0 > max_minutes * 60:
+        if (ep + 1) % eval_every == 0 or ep == epochs - 1 or done:
             if fast: ft.eval(); pv = ft.head.from_pooled(fval).detach().cpu(); pv = pv[:, 0] if pv.shape[1] == 1 else pv
             else: pv = predict(ft, X[va].to(dev)).cpu()
             val = score(task, d, pv, va, ci=False)[metric]['value'] if len(va) else float('nan')
@@ -278,7 +284,7 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
             if _better(metric, val, best) or best_state is None:
                 best, best_state = val, {k: v.detach().clone() for k, v in ft.state_dict().items()}
             bar.set_postfix({'loss': f'{loss.item():.3f}', f'val {metric}': f'{val:.3f}', 'best': f'{best:.3f}'})
-        if time.time() - t0 > max_minutes * 60: break
+        if done: break
     bar.close()
     ft.load_state_dict(best_state)
     return dict(history=hist, best=best, epochs=ep + 1, steps=step, minutes=(time.time() - t0) / 60)
@@ -463,8 +469,11 @@ def run_task(task:str='view', init=None, mode:str='frozen', label_frac:float=1.,
     d = dict(d, split=list(d['split']))
     tr = _idx(d, 'train')
     if label_frac < 1:                                                          # fewer training patients, not fewer clips of each
-        pats = sorted({d['patient'][i] for i in tr}, key=str)
-        keep = set(np.random.default_rng(seed).permutation(np.array(pats, dtype=object))[:max(2, round(label_frac * len(pats)))])
+        pats = list(np.random.default_rng(seed).permutation(np.array(sorted({d['patient'][i] for i in tr}, key=str), dtype=object)))
+        keep = set(pats[:max(2, round(label_frac * len(pats)))])
+        if TASKS[task]['kind'] == 'cls':                                        # every class kept: its first patient in the draw
+            for k in set(np.asarray(d['y'])[tr].tolist()) - {d['y'][i] for i in tr if d['patient'][i] in keep}:
+                keep.add(next(p for p in pats if any(d['patient'][i] == p and d['y'][i] == k for i in tr)))
         d['split'] = [('unused' if s == 'train' and p not in keep else s) for s, p in zip(d['split'], d['patient'])]
         tr = _idx(d, 'train')
     src = 'labels' if data is not None else 'phantom'
