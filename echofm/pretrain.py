@@ -56,8 +56,17 @@ def build_model(preset:str='tiny', overrides:dict|None=None):
 DEFAULT_STEPS = 400                            # the no-argument CPU lesson (about 1.6 min on 2 idle cores)
 BASE_LR = dict(tiny=3.2e-2, small=3.2e-2, base=1.5e-4, large=1.5e-4)
 
-def holdout_clip(cfg, seed:int=0) -> torch.Tensor:
-    "A phantom clip no training set draws (its seed is far from theirs), for the before/after figures."
+def holdout_clip(cfg, seed:int=0, ds=None, hold:bool=True) -> torch.Tensor:
+    """The clip of the before/after figures, one no training step sees. With a folder of videos (`ds` an `EchoFolder`),
+    a clip of its last video, which `hold` takes out of `ds` (training keeps the others); else a phantom whose seed no training set draws."""
+    files = getattr(ds, 'files', None)
+    if files and hasattr(ds, 'load'):
+        import numpy as np
+        try: clip = ds.load(len(files) - 1, np.random.default_rng([seed, len(files) - 1]))
+        except Exception: clip = None                          # an unreadable last file: a phantom instead
+        if clip is not None:
+            if hold: ds.files, ds.held_out = files[:-1], files[-1]
+            return clip
     from echofm.clips import PhantomClips
     return PhantomClips(1, n_frames=cfg.n_frames, size=cfg.img_size, seed=seed + 1_000_003)[0]
 
@@ -137,7 +146,10 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
         if resume:                                        # the model and the training settings come from the checkpoint
             rp = _checkpoint_path(resume); ck = load_checkpoint(rp)
             cfg, out, resume, a = EchoFMConfig(**ck['config']), out or rp.parent, rp, ck['extra'].get('args', {})
+            # a checkpoint without 'cycles' comes from before --cycles existed, when every clip spanned one cycle: resuming
+            # it must draw the clips it trained on, so a missing key means 1 (not today's default 2); 'holdout' likewise
             data, phantoms, preset, cycles = a.get('data', data), a.get('phantoms', phantoms), a.get('preset', preset), a.get('cycles', 1.)
+            hold = a.get('holdout') is not None
             tc = TrainConfig(**{**ck['train'], **limits, 'max_steps': max_steps or ck['max_steps'],
                                 'time_limit': max_minutes and max_minutes * 60})
         else:
@@ -152,11 +164,14 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
             out = out or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         ds = build_data(data, cfg.n_frames, cfg.img_size, tc.seed, phantoms, cycles=cycles)
         n_clips = _enough_clips(ds, data, tc.batch_size, world)
+        if not resume: hold = n_clips > tc.batch_size * world  # a folder with a video to spare holds its last one out
+        held = holdout_clip(cfg, tc.seed, ds, hold)            # figures: the user's own data when --data is a folder
+        n_clips -= hasattr(ds, 'held_out')
         torch.manual_seed(tc.seed)
         model = EchoFM(cfg)
         if init and not resume: load_encoder(model, init)
-        held = holdout_clip(cfg, tc.seed)
-        extra = dict(args=dict(data=data, phantoms=phantoms, preset=preset, cycles=cycles))
+        extra = dict(args=dict(data=data, phantoms=phantoms, preset=preset, cycles=cycles,
+                               holdout=str(getattr(ds, 'held_out', '')) or None))
         if not resume: extra['S_before'] = similarity_of(model, held)
         mon = _phase_monitor(cfg, phase_every)                # phase scores and collapse flag in metrics.csv
         if rank == 0: print(f"echofm pretrain: {preset} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params), "
