@@ -14,9 +14,9 @@ from .clips import resize_frames
 from .cycles import estimate_cycle
 
 # %% auto #0
-__all__ = ['HELDOUT_SEED', 'PROBE_TASKS', 'phase_contrast', 'same_phase_retrieval', 'two_cycle_clip', 'heldout_clips', 'Pixels',
-           'slice_distances', 'phase_scores', 'baselines', 'linear_probe', 'probe_scores', 'PhaseMonitor',
-           'phase_report']
+__all__ = ['HELDOUT_SEED', 'PROBE_TASKS', 'phase_contrast', 'same_phase_retrieval', 'two_cycle_clip', 'gated_clip',
+           'heldout_clips', 'Pixels', 'slice_distances', 'phase_scores', 'baselines', 'linear_probe', 'probe_scores',
+           'PhaseMonitor', 'phase_report']
 
 # %% ../nbs/20_probe.ipynb #d15676fd
 def _check_S(S:Tensor) -> Tensor:
@@ -55,22 +55,54 @@ def two_cycle_clip(video, n_frames:int=16, size:int=112, period:float|None=None,
 # %% ../nbs/20_probe.ipynb #dc6b01de
 HELDOUT_SEED = 7_000_001                        # phantom seeds no training set draws
 
+def gated_clip(video, n_frames:int=16, size:int=112, phase:float=0.) -> tuple[Tensor, np.ndarray]:
+    "ECG-gated two-cycle clip (3, n_frames, size, size): n_frames/2 frames at the same fractions of each of two R-R intervals, from `phase` of the first; and the frame times."
+    rp, h = np.asarray(video.meta['r_peak_times']) * video.fps, n_frames // 2          # R peaks, in frames
+    u = phase + np.arange(h) / h                                                          # fractions of a beat
+    t = np.array([rp[b + int(f)] + (f % 1) * (rp[b + int(f) + 1] - rp[b + int(f)]) for b in (0, 1) for f in u])
+    if len(rp) < 2 + int(np.ceil(u[-1])) or t[-1] > len(video) - 1:
+        raise EchoDataError(video.meta.get('path', '<video>'), f"{len(rp)} R peaks in {len(video)} frames are too few for two beats from phase {phase:.2f}")
+    i0 = np.floor(t).astype(int); w = (t - i0)[:, None, None, None]
+    f = video.frames.astype(np.float32)
+    return (1 - w) * f[i0] + w * f[np.minimum(i0 + 1, len(video) - 1)], t
+
+def _sway(frames:np.ndarray, seconds:np.ndarray, rng, drift_px:float, gain_db:float) -> np.ndarray:
+    "Breathing (12-20 /min) moves the image by up to `drift_px` pixels and the gain by up to `gain_db` dB, smoothly."
+    from scipy import ndimage
+    f, ph = rng.uniform(0.2, 1 / 3), rng.uniform(0, 2 * np.pi, 3)
+    wave = lambda k: np.sin(2 * np.pi * f * seconds + ph[k])
+    g = 10 ** (gain_db * wave(2) / 20)
+    return np.stack([ndimage.shift(fr, (drift_px * wave(1)[k], drift_px * wave(0)[k], 0), order=1, mode='nearest') * g[k]
+                     for k, fr in enumerate(frames)])
+
 def heldout_clips(n_per_view:int=4, n_frames:int=16, size:int=112, seed:int=HELDOUT_SEED, views=VIEWS,
-                  grades:bool=False) -> tuple[Tensor, list]:
-    "Two-cycle phantom clips (N,3,n_frames,size,size), N = n_per_view * len(views), and a label dict per clip."
+                  grades:bool=False, hrv:float=0., drift_px:float=0., gain_db:float=0., **synth_kw) -> tuple[Tensor, list]:
+    """Two-cycle phantom clips (N,3,n_frames,size,size), N = n_per_view * len(views), and a label dict per clip.
+    Nuisance (all 0: the shapes repeat exactly every beat): `hrv` beat-to-beat variation (clips ECG-gated), `drift_px`, `gain_db`
+    breathing, `synth_kw` (e.g. `noise=0.8`, more speckle decorrelation) for `synth_echo`."""
     clips, labels = [], []
     for k in range(n_per_view):
         for v in views:
             rng = np.random.default_rng([seed, VIEWS.index(v), k])
             hr, P = rng.uniform(55, 105), n_frames / 2                             # P: frames per cycle at this fps
             a, r = (int(g) for g in rng.integers(0, 4, 2)) if grades else (0, 0)
-            vid = synth_echo(seed=int(rng.integers(2**31)), view=v, n_frames=n_frames + int(P), fps=P * hr / 60, hr=hr,
-                             size=min(size, 112), hrv=0., as_grade=a, ar_grade=r)
-            s = int(rng.integers(0, int(P)))
-            clips.append(two_cycle_clip(vid, n_frames, size, period=P, start=s))
-            inside = lambda fr: [int(f - s) for f in fr if s <= f < s + n_frames]
-            labels.append(dict(view=v, as_grade=a, ar_grade=r, ef=float(vid.ef), hr=float(hr), ed=inside(vid.ed), es=inside(vid.es)))
+            kw = dict(view=v, hr=hr, size=min(size, 112), as_grade=a, ar_grade=r, **synth_kw)
+            if hrv == 0 and drift_px == 0 and gain_db == 0:                        # exact period: every frame read
+                vid = synth_echo(seed=int(rng.integers(2**31)), n_frames=n_frames + int(P), fps=P * hr / 60, hrv=0., **kw)
+                s = int(rng.integers(0, int(P)))
+                clips.append(two_cycle_clip(vid, n_frames, size, period=P, start=s))
+                inside = lambda fr: [int(f - s) for f in fr if s <= f < s + n_frames]
+                ed, es = inside(vid.ed), inside(vid.es)
+            else:                                                                  # 1.25 frames per clip frame, gated on the R peaks
+                vid = synth_echo(seed=int(rng.integers(2**31)), n_frames=int(4.6 * 1.25 * P), fps=1.25 * P * hr / 60, hrv=hrv, **kw)
+                frames, t = gated_clip(vid, n_frames, size, rng.uniform(0, 1))
+                if drift_px or gain_db: frames = _sway(frames, t / vid.fps, rng, drift_px, gain_db)
+                clips.append(resize_frames(np.clip(frames, 0, 255).round().astype(np.uint8), size))
+                inside = lambda ts: [int(np.abs(t - x).argmin()) for x in np.asarray(ts) * vid.fps if t[0] <= x <= t[-1]]
+                ed, es = inside(vid.meta['r_peak_times']), inside(vid.meta['es_times'])
+            labels.append(dict(view=v, as_grade=a, ar_grade=r, ef=float(vid.ef), hr=float(hr), ed=ed, es=es))
     return torch.stack(clips), labels
+
 
 # %% ../nbs/20_probe.ipynb #1ed942dc
 class Pixels:
