@@ -24,7 +24,7 @@ from .metrics import dice
 
 # %% auto #0
 __all__ = ['MARK_RGB', 'STRUCTURES', 'phantom', 'as_video', 'as_model', 'to_uint8', 'png_uri', 'from_uri', 'u8_video', 'Panel',
-           'headless', 'mask_grid', 'leaks', 'shade_hidden', 'mask_explorer', 'reconstruction_frames',
+           'headless', 'Figure', 'mask_grid', 'leaks', 'shade_hidden', 'mask_explorer', 'reconstruction_frames',
            'reconstruction_viewer', 'slice_similarity', 'anchor_marks', 'marked_strip', 'similarity_explorer',
            'ecg_marks', 'ecg_viewer', 'pca_2d', 'cardiac_phase', 'slice_trajectory', 'trajectory_viewer',
            'training_dashboard', 'overlay', 'dice_scores', 'finetuner_masks', 'predict_masks', 'segmentation_viewer',
@@ -89,9 +89,9 @@ class Panel(W.VBox):
         if name: self.add_class(f'echofm-{name}')                    # a handle for browser tests and CSS
         for k, w in controls.items(): w.add_class(f'echofm-{k}')
 
-def _image_fig(titles, height:int=260, **layout) -> go.FigureWidget:
+def _image_fig(titles, height:int=260, **layout) -> Figure:
     "A FigureWidget with one empty Image trace per title, side by side, axes hidden."
-    fig = go.FigureWidget(make_subplots(1, len(titles), subplot_titles=titles, horizontal_spacing=0.02))
+    fig = Figure(make_subplots(1, len(titles), subplot_titles=titles, horizontal_spacing=0.02))
     for i in range(len(titles)): fig.add_trace(go.Image(source=png_uri(np.zeros((8, 8, 3), np.uint8))), 1, i + 1)
     fig.update_xaxes(visible=False); fig.update_yaxes(visible=False)
     fig.update_layout(height=height, margin=dict(l=5, r=5, t=30, b=5), **layout)
@@ -113,6 +113,21 @@ def headless():
     comm.create_comm = comm.DummyComm                    # what ipywidgets uses when no frontend is attached
     try: yield
     finally: comm.create_comm = made
+
+# %% ../nbs/19_widgets.ipynb #a3e1c0d5
+def _shared_esm() -> str:
+    "plotly's widget module, wrapped: the browser compiles it once per page (a promise kept on `globalThis`), not once per figure."
+    import json, plotly.basewidget
+    esm = plotly.basewidget.BaseFigureWidget._esm                      # its text (anywidget read the file), or the path
+    code = esm.read_text(encoding='utf-8') if isinstance(esm, Path) else str(esm)
+    return ("const KEY = Symbol.for('echofm.plotly-widget');\n"
+            f"const bundle = () => URL.createObjectURL(new Blob([{json.dumps(code, ensure_ascii=False)}], {{type: 'text/javascript'}}));\n"
+            "globalThis[KEY] ??= import(bundle()).catch(e => { delete globalThis[KEY]; throw e; });\n"
+            "export default (await globalThis[KEY]).default;\n")
+
+class Figure(go.FigureWidget):
+    "plotly's `FigureWidget`, its JavaScript compiled once per page and shared by every figure (see `_shared_esm`)."
+    _esm = _shared_esm()
 
 # %% ../nbs/19_widgets.ipynb #7e16f809
 def mask_grid(kind:str='tube', ratio:float=0.75, seed:int=0, cfg:EchoFMConfig|None=None) -> np.ndarray:
@@ -146,7 +161,7 @@ def mask_explorer(video=None, cfg:EchoFMConfig|None=None) -> Panel:
                                       ('consistent (tube)', 'tube')], value='tube', description='mask'),
              ratio=W.FloatSlider(value=cfg.mask_ratio, min=0.05, max=0.95, step=0.05, description='ratio'),
              seed=W.IntSlider(value=0, min=0, max=99, description='seed'))
-    fig = go.FigureWidget(make_subplots(2, 1, row_heights=[0.55, 0.45], vertical_spacing=0.14, subplot_titles=(
+    fig = Figure(make_subplots(2, 1, row_heights=[0.55, 0.45], vertical_spacing=0.14, subplot_titles=(
         'first frame of each temporal slice (hidden tubelets in blue)', 'hidden tubelets per slice')))
     fig.add_trace(go.Image(source=png_uri(np.zeros((8, 8, 3), np.uint8))), 1, 1)
     fig.add_trace(go.Bar(x=list(range(T)), y=[0] * T, name='hidden'), 2, 1)
@@ -235,7 +250,7 @@ def similarity_explorer(model=None, video=None, compare=None, names=('EchoFM', '
     T, R = cfg.n_slices, len(models)
     titles = [f'{names[r]}: S over {cy:g} cycle{"s" * (cy != 1)}' for r in range(R) for cy in cycles] + ['slices of the two-cycle clip']
     specs = [[{}, {}] for _ in range(R)] + [[{'colspan': 2}, None]]
-    fig = go.FigureWidget(make_subplots(R + 1, 2, specs=specs, subplot_titles=titles, row_heights=[1.] * R + [0.45],
+    fig = Figure(make_subplots(R + 1, 2, specs=specs, subplot_titles=titles, row_heights=[1.] * R + [0.45],
                                         horizontal_spacing=0.08, vertical_spacing=0.1))
     idx = {}
     for r in range(R):
@@ -303,7 +318,7 @@ def ecg_viewer(video=None) -> Panel:
     unit = 's' if vid.fps else 'frame'
     play, frame = _player(n, interval=int(1000 / fps) if vid.fps else 100)
     c = dict(play=play, frame=frame)
-    fig = go.FigureWidget(make_subplots(2, 1, row_heights=[0.68, 0.32], vertical_spacing=0.06))
+    fig = Figure(make_subplots(2, 1, row_heights=[0.68, 0.32], vertical_spacing=0.06))
     fig.add_trace(go.Image(source=png_uri(vid.frames[0])), 1, 1)
     y0, y1 = float(np.min(mk['y'])), float(np.max(mk['y']))
     fig.add_trace(go.Scatter(x=mk['t'].tolist(), y=mk['y'].tolist(), mode='lines', line=dict(color='black', width=1), name=mk['label']), 2, 1)
@@ -376,7 +391,7 @@ def trajectory_viewer(model=None, video=None, cycles:float=2.) -> Panel:
     colour = tr['phase'] if by_phase else tr['frame']
     play, step = _player(n, 'slice', interval=300)
     c = dict(play=play, slice=step)
-    fig = go.FigureWidget(make_subplots(1, 2, column_widths=[0.58, 0.42], horizontal_spacing=0.04, subplot_titles=(
+    fig = Figure(make_subplots(1, 2, column_widths=[0.58, 0.42], horizontal_spacing=0.04, subplot_titles=(
         f"PC1 ({tr['var'][0]:.0%}) / PC2 ({tr['var'][1]:.0%}) of the slice embeddings", 'first frame of the slice')))
     fig.add_trace(go.Scatter(x=pc[:, 0].tolist(), y=pc[:, 1].tolist(), mode='lines+markers', line=dict(color='lightgray'), name='slices',
                              marker=dict(color=np.asarray(colour, float).tolist(), colorscale='Twilight' if by_phase else 'Viridis', size=9, showscale=True,
@@ -400,7 +415,7 @@ def trajectory_viewer(model=None, video=None, cycles:float=2.) -> Panel:
 def training_dashboard(model=None, clip:Tensor|None=None, video=None, every:int=10) -> Panel:
     "Live L_r, L_c and valid-triplet curves and the current S of a two-cycle clip; `panel.on_step` is the loop's callback."
     m = as_model(model) if model is not None else None
-    fig = go.FigureWidget(make_subplots(1, 3, column_widths=[0.4, 0.25, 0.35], horizontal_spacing=0.09,
+    fig = Figure(make_subplots(1, 3, column_widths=[0.4, 0.25, 0.35], horizontal_spacing=0.09,
                           subplot_titles=('losses', 'anchors with a triplet', 'S of a two-cycle clip')))
     for name in ('L_r (Eq. 1)', 'L_c (Eq. 3)'): fig.add_trace(go.Scatter(x=[], y=[], mode='lines', name=name), 1, 1)
     fig.add_trace(go.Scatter(x=[], y=[], mode='lines', name='valid anchors', showlegend=False), 1, 2)
