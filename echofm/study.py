@@ -13,7 +13,7 @@ from .probe import heldout_clips, phase_scores, probe_scores, slice_distances, P
 
 # %% auto #0
 __all__ = ['PAPER', 'ARMS', 'PCL_ARMS', 'NO_PCL', 'ci95', 'step_flops', 'arm_steps', 'train_arm', 'score_arm', 'run_study',
-           'plot_fig5', 'plot_fig6', 'study']
+           'plot_fig5', 'plot_fig6', 'study_table', 'study']
 
 # %% ../nbs/21_study.ipynb #86f49e3c
 from .model import PAPER_PCL
@@ -109,7 +109,7 @@ def run_study(out, steps:int=400, seeds:int=3, arms:dict=ARMS, preset:str='tiny'
 def _label_efficiency_note() -> str:
     try: import echofm.finetune  # noqa: F401
     except ImportError: return "not run: echofm.finetune (the fine-tuning commands) is not in this version"
-    return "not run by the study: see `echofm finetune --help` for the label-efficiency curve"
+    return "not run by the study: echofm.finetune.label_efficiency (17_finetune) draws the curve for a pretrained encoder"
 
 # %% ../nbs/21_study.ipynb #cd09eaac
 def plot_fig5(S:dict, path=None):
@@ -137,6 +137,18 @@ def plot_fig6(res:dict, path=None, arms=(NO_PCL, *PCL_ARMS)):
     ax.set_ylabel('linear probe'); ax.legend(fontsize=7); ax.axhline(0, color='k', lw=.5); fig.tight_layout()
     if path: fig.savefig(path, dpi=80)
     return fig
+
+# %% ../nbs/21_study.ipynb #f7a8b9c0
+def study_table(res:dict, tasks=None) -> str:
+    "`study.json` as a markdown table: every arm's phase scores and probes as mean [95% interval] over its seeds."
+    arms = [a for a in res if not a.startswith('_')]
+    tasks = tasks or list(res[arms[0]]['probe'])
+    f = lambda d: f"{d['value']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+    head = ['arm', 'seeds', 'phase contrast', 'retrieval', *tasks]
+    rows = [[a, str(len(res[a]['retrieval'].get('seeds', [0]))), f(res[a]['phase_contrast']), f(res[a]['retrieval']),
+             *(f(res[a]['probe'][t]) for t in tasks)] for a in arms]
+    return '\n'.join('| ' + ' | '.join(r) + ' |' for r in [head, ['---'] * len(head), *rows])
+
 
 # %% ../nbs/21_study.ipynb #414ac593
 def _timed_steps(minutes:float, seeds:int, arms:dict, preset:str, batch_size:int) -> int:
