@@ -510,7 +510,7 @@ def finetune(task:str='view',       # view | seg | as | ar | ef
              label_frac:float=1.,   # fraction of the training patients to use
              data:str=None,         # folder of your clips (default: the phantom task set)
              labels:str=None,       # CSV path,label or path,ef (not needed for seg)
-             max_minutes:float=3.,  # training time limit
+             max_minutes:float=None, # training time limit (default: 4 for seg, 3 for the rest)
              epochs:int=None,       # passes over the training split (default by task)
              out:str=None,          # output folder (default runs/finetune-<task>-<mode>)
              seed:int=0,            # seeds the split, the head and the augmentation
@@ -520,6 +520,7 @@ def finetune(task:str='view',       # view | seg | as | ar | ef
             ):
     "Fine-tune a (pretrained) encoder on a downstream task; writes metrics.json, predictions.csv, the head and figures."
     out = out or f"runs/finetune-{task}-{mode}"
+    max_minutes = max_minutes or (4. if task == 'seg' else 3.)
     r = run_task(task, init, mode, label_frac, data, labels, max_minutes, out, seed, n_patients, epochs, device, not quiet)
     print(f"echofm finetune {task} ({mode}, {'random init' if not init else init}): " +
           ', '.join(f"{k} {v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for k, v in list(r['metrics'].items())[:6]) +
