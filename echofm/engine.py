@@ -185,30 +185,27 @@ def train(model:nn.Module,             # forward(video) -> dict(loss, ...) of 0-
             n = step + 1                                                  # a host sync at: every log_every steps, checkpoints, the end,
             sync = n % cfg.log_every == 0 or n == end or bool(cfg.ckpt_every and n % cfg.ckpt_every == 0) or \
                    (world == 1 and (late or stop.reason is not None))     # and a stop on one process (all processes agree on the rest)
-            if sync:
-                got = _fetch(torch.stack([v for _, v, _ in pending]))     # the one transfer of the window
-                for (s, _, _), v in zip(pending, got):
-                    if not math.isfinite(v[0]):
-                        bar.close()
-                        if ckpt: write_metrics(rows, run_dir/'metrics.csv')
-                        when = "before updating the weights" if s == n else f"at the host sync after step {step} (weights updated through it)"
-                        raise NonFiniteLoss(f"non-finite loss ({v[0]}) at step {s}; stopped {when}. "
-                                            f"Last good checkpoint: {ckpt if ckpt and ckpt.exists() else 'none'}")
+            got = _fetch(torch.stack([v for _, v, _ in pending])) if sync else []   # the one transfer of the window
+            for (s, _, _), v in zip(pending, got):
+                if not math.isfinite(v[0]):
+                    bar.close()
+                    if ckpt: write_metrics(rows, run_dir/'metrics.csv')
+                    when = "before updating the weights" if s == n else f"at the host sync after step {step} (weights updated through it)"
+                    raise NonFiniteLoss(f"non-finite loss ({v[0]}) at step {s}; stopped {when}. "
+                                        f"Last good checkpoint: {ckpt if ckpt and ckpt.exists() else 'none'}")
             scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True); sched.step()
             step += 1
-            halt = False
-            if sync:
-                dt = time.perf_counter() - t_win
-                for (s, _, lr), (*vals, h, gn) in zip(pending, got):
-                    stats = dict(zip(keys, vals)); halt = halt or bool(h)
-                    row = dict(step=s, **stats, lr=lr, grad_norm=gn, clips_per_s=cfg.batch_size * cfg.accum * world * len(pending) / dt)
-                    if rank == 0:
-                        bar.update(1); bar.set_postfix(rec=f"{stats.get('loss_rec', stats['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
-                        if any([cb(s, row, raw) is True for cb in callbacks]): stop.ask('callback')
-                        raw.train()                                       # a callback may have evaluated
-                    rows.append(row)
-                pending = []
-            else: continue
+            if not sync: continue                                         # the rows of this window wait on the device
+            dt, halt = time.perf_counter() - t_win, False
+            for (s, _, lr), (*vals, h, gn) in zip(pending, got):
+                stats = dict(zip(keys, vals)); halt = halt or bool(h)
+                row = dict(step=s, **stats, lr=lr, grad_norm=gn, clips_per_s=cfg.batch_size * cfg.accum * world * len(pending) / dt)
+                if rank == 0:
+                    bar.update(1); bar.set_postfix(rec=f"{stats.get('loss_rec', stats['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
+                    if any([cb(s, row, raw) is True for cb in callbacks]): stop.ask('callback')
+                    raw.train()                                           # a callback may have evaluated
+                rows.append(row)
+            pending = []
             if halt or (world == 1 and stop.reason): stop.ask('time limit' if late else 'another process'); break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < end:
                 st = save()
