@@ -260,20 +260,21 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
             if p >= 1: done = True; break
             f = min(1., p / 0.05) * 0.5 * (1 + math.cos(math.pi * p))           # 5% warm-up, then cosine to 0
             for g in opt.param_groups: g['lr'] = g['base_lr'] * f
-            y = Y[tr][b].to(dev)
+            ib = torch.from_numpy(tr[b.numpy()])                               # the batch's rows of the whole set
+            y = Y[ib].to(dev)
             if fast:
                 k = torch.randint(4, (len(b),), generator=gen)
                 out = ft.head.from_pooled(feats[k, b.to(dev)])
                 loss = loss_fn(out, y)
             elif kind == 'seg':
-                m = torch.from_numpy(d['masks'][tr][b.numpy()]).to(dev)
-                lab = torch.ones(m.shape[:2], dtype=torch.bool) if d.get('labelled') is None else torch.from_numpy(d['labelled'][tr][b.numpy()])
-                v, m = augment_seg(_float(X[tr][b].to(dev)), m, gen)
+                m = torch.from_numpy(d['masks'][ib.numpy()]).to(dev)
+                lab = torch.ones(m.shape[:2], dtype=torch.bool) if d.get('labelled') is None else torch.from_numpy(d['labelled'][ib.numpy()])
+                v, m = augment_seg(_float(X[ib].to(dev)), m, gen)
                 sl = torch.randperm(ft.cfg.grid[0], generator=gen)[:slices]          # decode a few tubelet slices per step
                 fr = slice_frames(sl, ft.cfg.tubelet)
                 loss = loss_fn(ft(v, sl.to(dev)), m[:, fr.to(dev)], lab.to(dev)[:, fr.to(dev)])
             else:
-                loss = loss_fn(ft(augment_flip(_float(X[tr][b].to(dev)), gen)), y)
+                loss = loss_fn(ft(augment_flip(_float(X[ib].to(dev)), gen)), y)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); step += 1
             bar.update(1)
         if (ep + 1) % eval_every == 0 or ep == epochs - 1 or done:
