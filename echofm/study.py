@@ -12,8 +12,9 @@ from .encoder import EchoFMConfig, flop_count
 from .probe import heldout_clips, phase_scores, probe_scores, slice_distances, Pixels, HELDOUT_SEED, PROBE_TASKS
 
 # %% auto #0
-__all__ = ['PAPER', 'ARMS', 'PCL_ARMS', 'NO_PCL', 'ci95', 'step_flops', 'arm_steps', 'train_arm', 'score_arm', 'run_study',
-           'plot_fig5', 'plot_fig6', 'study_table', 'study']
+__all__ = ['PAPER', 'ARMS', 'PCL_ARMS', 'NO_PCL', 'LE_ARMS', 'LE_FRACS', 'ci95', 'step_flops', 'arm_steps', 'train_arm',
+           'score_arm', 'study_label_efficiency', 'plot_label_efficiency', 'run_study', 'plot_fig5', 'plot_fig6',
+           'study_table', 'study']
 
 # %% ../nbs/21_study.ipynb #86f49e3c
 from .model import PAPER_PCL
@@ -62,6 +63,42 @@ def score_arm(model, phase_clips, probe_clips, probe_labels, tubelet:int=2) -> d
         return dict(phase_contrast=ps['phase_contrast'], retrieval=ps['retrieval'], S=ps['S'][0],
                     probe={t: v['value'] for t, v in probe_scores(model, probe_clips, probe_labels, tubelet, boot=0).items()})
 
+# %% ../nbs/21_study.ipynb #37a910f1
+LE_ARMS, LE_FRACS = (NO_PCL, 'echofm'), (0.05, 0.1, 0.25, 0.5, 1.)
+
+def study_label_efficiency(runs:dict, task:str='view', fracs=LE_FRACS, n_patients:int|None=None, verbose:bool=True) -> dict:
+    "{arm: {metric, task, fracs: {frac: {value, ci95, seeds}}}}: `task`'s frozen-encoder metric for each arm's encoders (one folder per seed) at each fraction of the training patients."
+    from echofm.finetune import run_task, phantom_task, TASKS
+    first = next(iter(runs.values()))[0]
+    cfg = json.loads((Path(first)/'config.json').read_text())
+    d = phantom_task(task, n_patients, cfg['n_frames'], cfg['img_size'], seed=0)        # one task set for every encoder
+    metric, out = TASKS[task]['metric'], {}
+    for arm, folders in runs.items():
+        per = {fr: [] for fr in fracs}
+        for f in folders:
+            for fr in fracs:
+                r = run_task(task, init=f, mode='frozen', label_frac=fr, d=d, progress=False, figures=False, n_boot=20)
+                per[fr].append(r['metrics'][metric]['value'])
+        out[arm] = dict(metric=metric, task=task, fracs={str(fr): dict(value=float(np.mean(v)), ci95=ci95(v), seeds=[float(x) for x in v])
+                                                          for fr, v in per.items()})
+        if verbose: print(f"  {arm:12s} {metric}: " + '  '.join(f"{100 * fr:g}% {np.mean(v):.3f}" for fr, v in per.items()))
+    return out
+
+def plot_label_efficiency(le:dict, path=None):
+    "The task metric against the percentage of training patients, one line per arm, with 95% intervals over seeds."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=80)
+    for arm, r in le.items():
+        fr = sorted(r['fracs'], key=float); v = np.array([r['fracs'][f]['value'] for f in fr])
+        ci = np.array([r['fracs'][f]['ci95'] for f in fr])
+        ax.errorbar([100 * float(f) for f in fr], v, yerr=[v - ci[:, 0], ci[:, 1] - v], marker='o', capsize=3,
+                    label=arm + (' (no PCL)' if arm == NO_PCL else ''))
+    r = next(iter(le.values()))
+    ax.set_xscale('log'); ax.set_xlabel('% of training patients'); ax.set_ylabel(r['metric'])
+    ax.set_title(f"label efficiency: {r['task']} (frozen encoder)", fontsize=9); ax.legend(fontsize=7); fig.tight_layout()
+    if path: fig.savefig(path, dpi=80)
+    return fig
+
 # %% ../nbs/21_study.ipynb #6b80b2f2
 def _aggregate(per_seed:list) -> dict:
     "Per-seed scores of one arm -> {phase_contrast: {value, ci95}, retrieval: ..., probe: {task: {value, ci95}}}."
@@ -71,11 +108,15 @@ def _aggregate(per_seed:list) -> dict:
     return out
 
 def run_study(out, steps:int=400, seeds:int=3, arms:dict=ARMS, preset:str='tiny', phase_per_view:int=4,
-              probe_per_view:int=8, phantoms:int=64, batch_size:int=8, data:str|None=None, verbose:bool=True, cycles:float=2.) -> dict:
-    "Pretrain and score every arm for `seeds` seeds at equal compute; write study.json, fig5.png, fig6.png to `out`."
+              probe_per_view:int=8, phantoms:int=64, batch_size:int=8, data:str|None=None, verbose:bool=True, cycles:float=2.,
+              le_task:str|None='view', le_fracs=LE_FRACS, le_arms=LE_ARMS, le_patients:int|None=None) -> dict:
+    "Pretrain and score every arm for `seeds` seeds at equal compute; write study.json, fig5.png, fig6.png (and label_efficiency.png) to `out`."
+    import tempfile, shutil
     from echofm.data import build_data
     from echofm.probe import baselines
+    from echofm.checkpoint import export_encoder
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    keep = Path(tempfile.mkdtemp(prefix='echofm-study-'))               # the encoders the label-efficiency curves fine-tune
     cfg = EchoFMConfig.preset(preset)
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.time()
@@ -91,6 +132,7 @@ def run_study(out, steps:int=400, seeds:int=3, arms:dict=ARMS, preset:str='tiny'
             if arm == 'pixels' and seed > 0: scores[arm].append(scores[arm][0]); continue   # no seed to vary
             if o is None: model = baselines(cfg, seed)[arm]
             else: model, rows = train_arm(o, ds, n_steps[arm], seed, preset, batch_size)
+            if le_task and arm in le_arms: export_encoder(model, keep/f'{arm}-{seed}')
             s = score_arm(model, phase_clips, probe_clips, probe_labels, cfg.tubelet)
             if seed == 0: S[arm] = s.pop('S')
             else: s.pop('S')
@@ -98,18 +140,19 @@ def run_study(out, steps:int=400, seeds:int=3, arms:dict=ARMS, preset:str='tiny'
             say(f"  seed {seed} {arm:12s} PC {s['phase_contrast']:.3f}  R {s['retrieval']:.3f}  " +
                 '  '.join(f"{t} {v:.2f}" for t, v in s['probe'].items()) + f"  ({time.time() - t1:.0f} s)")
     res = {a: _aggregate(v) for a, v in scores.items()}
+    runs = {a: sorted(keep.glob(f'{a}-*'), key=lambda p: int(p.name.rsplit('-', 1)[1])) for a in le_arms if a in arms}
+    if le_task and any(runs.values()):
+        say(f"label efficiency: {le_task}, frozen encoders of {[a for a in runs if runs[a]]}, {len(le_fracs)} label fractions")
+        res['_label_efficiency'] = study_label_efficiency({a: r for a, r in runs.items() if r}, le_task, le_fracs, le_patients, verbose)
+    shutil.rmtree(keep, ignore_errors=True)
     res['_meta'] = dict(steps=n_steps, seeds=seeds, preset=preset, minutes=(time.time() - t0) / 60,
-                        phase_clips=len(phase_clips), probe_clips=len(probe_clips), label_efficiency=_label_efficiency_note())
+                        phase_clips=len(phase_clips), probe_clips=len(probe_clips))
     (out/'study.json').write_text(json.dumps(res, indent=1))
     plot_fig5(S, out/'fig5.png'); plot_fig6(res, out/'fig6.png')
+    if '_label_efficiency' in res: plot_label_efficiency(res['_label_efficiency'], out/'label_efficiency.png')
     import matplotlib.pyplot as plt; plt.close('all')
-    say(f"done in {res['_meta']['minutes']:.1f} min -> {out}/study.json, fig5.png, fig6.png")
+    say(f"done in {res['_meta']['minutes']:.1f} min -> {out}/study.json, fig5.png, fig6.png" + (', label_efficiency.png' if '_label_efficiency' in res else ''))
     return res
-
-def _label_efficiency_note() -> str:
-    try: import echofm.finetune  # noqa: F401
-    except ImportError: return "not run: echofm.finetune (the fine-tuning commands) is not in this version"
-    return "not run by the study: echofm.finetune.label_efficiency (17_finetune) draws the curve for a pretrained encoder"
 
 # %% ../nbs/21_study.ipynb #cd09eaac
 def plot_fig5(S:dict, path=None):
@@ -176,10 +219,16 @@ def study(out:str='study',            # folder for study.json, fig5.png, fig6.pn
           batch_size:int=8,
           data:str=None,              # training data as in `echofm pretrain --data` (default data_samples/ + phantoms)
           cycles:float=2.,            # cardiac cycles per training clip, as `echofm pretrain --cycles`
+          label_efficiency:str='view',  # fine-tune task of the label-efficiency curves (view, as, ar, ef, seg), or 'none'
+          le_patients:int=None,       # phantom patients of that task (default: the task's own)
           quiet:store_true=False):
     "The paper's PCL claims at small scale: pretrain each arm at equal compute, score phase and probes over seeds, draw Figs. 5-6."
     sel = ARMS if not arms else {a: ARMS[a] for a in arms.split(',')} if all(a in ARMS for a in arms.split(',')) else None
     if sel is None: raise ValueError(f"--arms: choose from {','.join(ARMS)}, got {arms!r}")
     if seeds < 1: raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if steps is None and any(o is not None for o in sel.values()): steps = _timed_steps(minutes, seeds, sel, preset, batch_size)
-    return run_study(out, steps or 1, seeds, sel, preset, phase_per_view, probe_per_view, phantoms, batch_size, data, not quiet, cycles)
+    from echofm.finetune import TASKS
+    if label_efficiency not in (*TASKS, 'none'): raise ValueError(f"--label_efficiency: choose from {','.join(TASKS)},none, got {label_efficiency!r}")
+    le = None if label_efficiency == 'none' else label_efficiency
+    return run_study(out, steps or 1, seeds, sel, preset, phase_per_view, probe_per_view, phantoms, batch_size, data, not quiet, cycles,
+                     le_task=le, le_patients=le_patients)
