@@ -10,7 +10,7 @@ import numpy as np
 import torch, torch.nn.functional as F
 from torch.utils.data import Dataset
 from .core import EchoDataError, EchoVideo
-from .cycles import estimate_cycle, cycle_stride, pingpong_index
+from .cycles import estimate_cycle, cycle_from_ecg, cycle_stride, pingpong_index
 from .io import find_videos, load_video
 from .synth import synth_echo, VIEWS
 
@@ -129,17 +129,27 @@ class PhantomClips(Dataset):
         self.hr, self.fps, self.p_irregular, self.cycles, self.with_labels = hr, fps, p_irregular, cycles, with_labels
         self.synth_size, self.synth_kw, self.n_bad = synth_size or min(size, 112), synth_kw, 0
     def __len__(self): return self.n
-    def video(self, i:int) -> tuple:
-        "(phantom EchoVideo of item `i`, its numpy generator)."
+    def video(self, i:int, clip_only:bool=False) -> tuple:
+        """(phantom EchoVideo of item `i`, its numpy generator). `clip_only`: render only the frames of the item's clip
+        (the others stay black), their indices in `meta['clip_indices']` (None: the ECG gave no cycle, every frame rendered)."""
         rng = np.random.default_rng([self.seed, i])
         view, hr, fps = self.views[rng.integers(len(self.views))], rng.uniform(*self.hr), rng.uniform(*self.fps)
         s = cycle_stride(1.25 * fps * 60 / hr, self.n_frames, self.cycles)        # 25% margin for heart rate variability
         T = (self.n_frames - 1) * s + 1 + int(rng.integers(0, fps * 60 / hr))
         v = synth_echo(seed=int(rng.integers(2**31)), view=view, n_frames=T, fps=fps, hr=hr, size=self.synth_size,
-                       irregular=bool(rng.random() < self.p_irregular), **self.synth_kw)
+                       irregular=bool(rng.random() < self.p_irregular), **self.synth_kw,
+                       **(dict(only=lambda v: self._clip_indices(v, rng)) if clip_only else {}))
+        if clip_only: v.meta['clip_indices'] = self._idx
         return v, rng
+    def _clip_indices(self, v, rng):
+        "The frames `sample_clip` would take from `v` (its start drawn from `rng` the same way), from the ECG's cycle; None without one."
+        try: period = cycle_from_ecg(v.ecg, v.ecg_fs, v.fps).period_frames
+        except EchoDataError: self._idx = None; return None          # then `sample_clip` estimates it from the images
+        self._idx = clip_indices(len(v), self.n_frames, cycle_stride(period, self.n_frames, self.cycles), rng=rng)
+        return self._idx
     def __getitem__(self, i:int):
         if not 0 <= i < self.n: raise IndexError(i)
-        v, rng = self.video(i)
-        clip = sample_clip(v, self.n_frames, self.size, cycles=self.cycles, rng=rng)
+        v, rng = self.video(i, clip_only=True)                  # render only the clip's frames: the same clip, faster
+        idx = v.meta['clip_indices']
+        clip = sample_clip(v, self.n_frames, self.size, cycles=self.cycles, rng=rng) if idx is None else resize_frames(v.frames[idx], self.size)
         return (clip, v.labels) if self.with_labels else clip

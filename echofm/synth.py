@@ -669,12 +669,14 @@ def ar_jet(sc:Scene, origin, beat:Beat, tn):
     vj = 2.2*(1 - 0.5*xi/Lj)*(-ph@dj) + 0.8*tn
     return inj, vj, inj*np.clip(np.abs(tn) - 0.3, 0, 1)
 
-def add_doppler(rgb, sc:Scene, M, E, scales, beat:Beat, rng):
-    "Overlay colour Doppler inside the colour box: normal inflow/outflow, plus the AR jet in diastole."
+def add_doppler(rgb, sc:Scene, M, E, scales, beat:Beat, rng, keep=None):
+    "Overlay colour Doppler inside the colour box: normal inflow/outflow, plus the AR jet in diastole; `keep` as in `render`."
     bc, ha, rh = sc.anat.box
     ang, rc = np.degrees(np.arctan2(sc.xc[..., 0], sc.xc[..., 1])), np.linalg.norm(sc.xc, axis=-1)
     box = (np.abs(ang - _deg(bc)) <= ha) & (np.abs(rc - np.hypot(*bc)) <= rh) & sc.fan
-    tn = ndimage.gaussian_filter(rng.standard_normal(M.shape), (0, 0.7, 0.7))*2.5   # velocity texture / turbulence
+    z = rng.standard_normal((len(beat.v),) + M.shape[1:])                        # drawn for the whole chunk
+    if keep is not None: beat, scales, z = beat[keep], {k: s[keep] for k, s in scales.items()}, z[keep]
+    tn = ndimage.gaussian_filter(z, (0, 0.7, 0.7))*2.5                            # velocity texture / turbulence
     vr = normal_flow(sc, M, E, beat, tn) if sc.view != 'PSAX' else np.zeros(M.shape)
     turb = np.zeros_like(vr)
     if sc.heart.ar_grade > 0 and sc.anat.jet is not None:
@@ -687,14 +689,15 @@ def add_doppler(rgb, sc:Scene, M, E, scales, beat:Beat, rng):
     return out
 
 # %% ../nbs/01_synth.ipynb #0057cf69
-def render(sc:Scene, beat:Beat, scales, rng):
-    "Grey frames (T,H,W) uint8 and masks (T,H,W) for one chunk: deform, look up, leaflets, speckle, gain, clutter, noise, log compression."
+def render(sc:Scene, beat:Beat, scales, rng, keep=None):
+    """Grey frames (T,H,W) uint8 and masks (T,H,W) for one chunk: deform, look up, leaflets, speckle, gain, clutter, noise, log compression.
+    `keep`: indices of the chunk's frames to draw (None: all); the noise of the others is drawn and dropped, so a kept frame is the same either way."""
+    z = rng.standard_normal((3, len(beat.v)) + sc.xc.shape[:2]).astype(np.float32)    # noise first, for the whole chunk
+    if keep is not None: beat, scales, z = beat[keep], {k: s[keep] for k, s in scales.items()}, z[:, keep]
     X = material_coords(sc.xc, sc.anat.movers, scales, sc.wins)                 # (T,H,W,2) material coordinates
     E, S, M = lookup(sc.tex, X)                                                # anatomy, speckle and labels move together
     for lf, w in zip(sc.anat.leaflets, sc.lwins):
         if w is not None: E[:, w[0], w[1]] = np.maximum(E[:, w[0], w[1]], lf.echo_at(X[:, w[0], w[1]], beat.opening[lf.valve]))
-    T, H, W = E.shape
-    z = rng.standard_normal((3, T, H, W)).astype(np.float32)
     fresh = np.hypot(ndimage.gaussian_filter(z[0], (0, 0.5, 1.2)), ndimage.gaussian_filter(z[1], (0, 0.5, 1.2)))*2.05   # mean 1
     rho = np.where(E < 0.006, 0.8, 0.1 + 0.3*sc.probe.noise)                   # blood decorrelates fast, tissue slowly
     env = E*((1 - rho)*S + rho*fresh)*sc.gain + sc.clutter*(0.7 + 0.3*fresh) + (0.0015 + 0.003*sc.probe.noise)*np.abs(z[2])
@@ -705,9 +708,10 @@ def synth_echo(seed:int=0, view:str='A4C', n_frames:int=64, fps:float=50., hr:fl
     """A phantom B-mode echo clip of `view` with a synchronised ECG, CAMUS masks, ED/ES/R-peak frames, EF and labels.
     `kw`: any field of `Heart` or `Probe` (drawn from the seed unless given), `nuisance` (spread of the Probe draws),
     `scan` (another scan of the same study), `hrv`, `irregular`, `ecg_fs`, `doppler` (None: only with AR),
-    `psax_level` ('mid' or 'av'), `chunk`."""
+    `psax_level` ('mid' or 'av'), `chunk`, `only` (frame indices to render, or a function of the frameless video that returns
+    them; the other frames stay black, the rendered ones are the same as in the full video)."""
     view = _view(view)
-    opts = dict(hrv=0.05, irregular=False, ecg_fs=500., doppler=None, psax_level='mid', chunk=32, nuisance=1., scan=0)
+    opts = dict(hrv=0.05, irregular=False, ecg_fs=500., doppler=None, psax_level='mid', chunk=32, nuisance=1., scan=0, only=None)
     hk, pk = {f.name for f in fields(Heart)}, {f.name for f in fields(Probe)}
     bad = set(kw) - hk - pk - set(opts)
     if bad: raise TypeError(f"synth_echo got unknown options {sorted(bad)}")
@@ -725,15 +729,27 @@ def synth_echo(seed:int=0, view:str='A4C', n_frames:int=64, fps:float=50., hr:fl
     beat = _beat(t, r_times, not o['irregular'])
     doppler = bool(heart.ar_grade > 0) if o['doppler'] is None else bool(o['doppler'])
     frames, masks = np.zeros((n_frames, size, size, 3), np.uint8), np.zeros((n_frames, size, size), np.uint8)
+    video = _video(frames, masks, sc, r_times, ecg, fps, o, doppler, seed)         # filled in place below
+    want = np.ones(n_frames, bool)
+    if o['only'] is not None:                                                      # render only these frames
+        only = o['only'](video) if callable(o['only']) else o['only']
+        if only is not None: want[:] = False; want[np.asarray(only, int)] = True
     sL_es, sR_es = ef_scales(0.75*heart.contractility)
     for i in range(0, n_frames, o['chunk']):
         sl = slice(i, min(i + o['chunk'], n_frames))
+        keep = None if want[sl].all() else np.flatnonzero(want[sl])
+        if keep is not None and not len(keep):                                    # nothing to draw: the noise only
+            n = sl.stop - sl.start
+            rng.standard_normal((3, n, size, size))
+            if doppler: rng.standard_normal((n, size, size))
+            continue
         scales = {k: s.astype(np.float32) for k, s in chamber_scales(beat.v[sl], sL_es, sR_es).items()}
-        g, M, E = render(sc, beat[sl], scales, rng)
+        g, M, E = render(sc, beat[sl], scales, rng, keep)
         rgb = np.repeat(g[..., None], 3, -1)
-        if doppler: rgb = add_doppler(rgb, sc, M, E, scales, beat[sl], rng)
-        frames[sl], masks[sl] = rgb, M
-    return _video(frames, masks, sc, r_times, ecg, fps, o, doppler, seed)
+        if doppler: rgb = add_doppler(rgb, sc, M, E, scales, beat[sl], rng, keep)
+        at = np.arange(sl.start, sl.stop) if keep is None else sl.start + keep
+        frames[at], masks[at] = rgb, M
+    return video
 
 def _scene(view, heart, probe, size, psax_level, rng) -> Scene:
     "Paint the anatomy of `view` and precompute every per-pixel quantity of the scan."
