@@ -63,7 +63,7 @@ def score_arm(model, phase_clips, probe_clips, probe_labels, tubelet:int=2) -> d
         return dict(phase_contrast=ps['phase_contrast'], retrieval=ps['retrieval'], S=ps['S'][0],
                     probe={t: v['value'] for t, v in probe_scores(model, probe_clips, probe_labels, tubelet, boot=0).items()})
 
-# %% ../nbs/21_study.ipynb #37a910f1
+# %% ../nbs/21_study.ipynb #7fc9ac40
 LE_ARMS, LE_FRACS = (NO_PCL, 'echofm'), (0.05, 0.1, 0.25, 0.5, 1.)
 
 def study_label_efficiency(runs:dict, task:str='view', fracs=LE_FRACS, n_patients:int|None=None, verbose:bool=True) -> dict:
