@@ -136,17 +136,17 @@ class PhantomClips(Dataset):
         view, hr, fps = self.views[rng.integers(len(self.views))], rng.uniform(*self.hr), rng.uniform(*self.fps)
         s = cycle_stride(1.25 * fps * 60 / hr, self.n_frames, self.cycles)        # 25% margin for heart rate variability
         T = (self.n_frames - 1) * s + 1 + int(rng.integers(0, fps * 60 / hr))
+        box = {}                                                                   # the indices `only` picked
+        def only(v): box['idx'] = self._clip_indices(v, rng); return box['idx']
         v = synth_echo(seed=int(rng.integers(2**31)), view=view, n_frames=T, fps=fps, hr=hr, size=self.synth_size,
-                       irregular=bool(rng.random() < self.p_irregular), **self.synth_kw,
-                       **(dict(only=lambda v: self._clip_indices(v, rng)) if clip_only else {}))
-        if clip_only: v.meta['clip_indices'] = self._idx
+                       irregular=bool(rng.random() < self.p_irregular), **self.synth_kw, **(dict(only=only) if clip_only else {}))
+        if clip_only: v.meta['clip_indices'] = box['idx']
         return v, rng
     def _clip_indices(self, v, rng):
         "The frames `sample_clip` would take from `v` (its start drawn from `rng` the same way), from the ECG's cycle; None without one."
         try: period = cycle_from_ecg(v.ecg, v.ecg_fs, v.fps).period_frames
-        except EchoDataError: self._idx = None; return None          # then `sample_clip` estimates it from the images
-        self._idx = clip_indices(len(v), self.n_frames, cycle_stride(period, self.n_frames, self.cycles), rng=rng)
-        return self._idx
+        except EchoDataError: return None                        # then `sample_clip` estimates it from the images
+        return clip_indices(len(v), self.n_frames, cycle_stride(period, self.n_frames, self.cycles), rng=rng)
     def __getitem__(self, i:int):
         if not 0 <= i < self.n: raise IndexError(i)
         v, rng = self.video(i, clip_only=True)                  # render only the clip's frames: the same clip, faster

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, DataLoader, DistributedSampler, ConcatData
 from .core import EchoDataError, data_samples
 
 # %% auto #0
-__all__ = ['ResumableSampler', 'collate_clips', 'bad_count', 'batch_stream', 'CachedClips', 'build_data']
+__all__ = ['ResumableSampler', 'collate_clips', 'bad_count', 'batch_stream', 'CachedClips', 'build_data', 'Breathing']
 
 # %% ../nbs/12b_data.ipynb #669e4c30
 class ResumableSampler(DistributedSampler):
@@ -49,6 +49,7 @@ def batch_stream(ds, sampler:ResumableSampler, batch_size:int, start:int=0, num_
     epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch, start=skip * batch_size)
+        if hasattr(ds, 'set_epoch'): ds.set_epoch(epoch)       # e.g. `Breathing`: its draws follow the epoch
         if isinstance(ds, PreparedClips):   # threads, clip starts fixed by (seed, epoch, rank, position): exact on resume
             dl = StoreLoader(ds, batch_size, sampler, num_workers, seed=seed, pin_memory=device.type == 'cuda',
                              reuse=device.type == 'cpu')   # on the CPU to_float copies each batch before the next is asked for
@@ -69,8 +70,9 @@ class CachedClips(Dataset):
         return self.cache[i]
     n_bad = property(lambda self: bad_count(self.ds))
 
-def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=64, cache_gib:float=2., cycles:float=1.) -> Dataset:
-    "Clips for `--data`: a folder (searched recursively), 'synth:N' phantoms, or None: data_samples/ + phantoms; each spanning `cycles` cycles."
+def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=64, cache_gib:float=2., cycles:float=1.,
+               drift_px:float=0., gain_db:float=0.) -> Dataset:
+    "Clips for `--data`: a folder (searched recursively), 'synth:N' phantoms, or None: data_samples/ + phantoms; each spanning `cycles` cycles; `drift_px`/`gain_db`: `Breathing` on top."
     from echofm.clips import EchoFolder, PhantomClips
     from echofm.prepare import is_store, PreparedClips
     from echofm.io import find_videos
@@ -78,10 +80,43 @@ def build_data(data:str|None, n_frames:int, size:int, seed:int=0, phantoms:int=6
     def synth(n):                                          # drawn on the fly, kept when they fit in `cache_gib`
         ds = PhantomClips(n, seed=seed, cycles=cycles, **kw)
         return CachedClips(ds) if n * 3 * n_frames * size**2 * 4 <= cache_gib * 2**30 else ds
+    sway = (lambda ds: Breathing(ds, drift_px, gain_db, seed)) if drift_px or gain_db else (lambda ds: ds)
     if data is None:
         parts = [EchoFolder(data_samples(), cycles=cycles, **kw)] if data_samples().exists() and find_videos(data_samples()) else []
-        return ConcatDataset(parts + [synth(phantoms)])
-    if str(data).startswith('synth:'): return synth(int(str(data)[6:]))
+        return sway(ConcatDataset(parts + [synth(phantoms)]))
+    if str(data).startswith('synth:'): return sway(synth(int(str(data)[6:])))
     if not Path(data).exists(): raise FileNotFoundError(f"--data {data}: no such folder")
-    if is_store(data): return PreparedClips(data, **kw)      # made by `echofm prepare`
-    return EchoFolder(data, cycles=cycles, **kw)
+    if is_store(data): return PreparedClips(data, **kw)      # made by `echofm prepare` (read as stored)
+    return sway(EchoFolder(data, cycles=cycles, **kw))
+
+# %% ../nbs/12b_data.ipynb #6b4c0511
+class Breathing(Dataset):
+    """Breathing on every clip of `ds`, as on a real scan: the image drifts by up to `drift_px` pixels and the gain sways by up to
+    `gain_db` dB, smoothly over the clip (a breath every 3-5 s, a clip of two beats, 1.1-2.2 s); drawn per (seed, epoch, index)."""
+    def __init__(self, ds, drift_px:float=1., gain_db:float=2., seed:int=0):
+        self.ds, self.drift_px, self.gain_db, self.seed, self.epoch = ds, drift_px, gain_db, seed, 0
+    def __len__(self): return len(self.ds)
+    def set_epoch(self, epoch:int): self.epoch = epoch
+    n_bad = property(lambda self: bad_count(self.ds))
+    def sway(self, clip:torch.Tensor, i:int) -> torch.Tensor:
+        "Clip (3,T,H,W) in [0,1] with the breathing of item `i`."
+        import numpy as np
+        rng = np.random.default_rng([self.seed, self.epoch, i, 0xB4EA])
+        T, H, W = clip.shape[1:]
+        t = np.arange(T) / max(T - 1, 1) * rng.uniform(1.1, 2.2)                       # seconds
+        f, ph, a = rng.uniform(0.2, 1 / 3), rng.uniform(0, 2 * np.pi, 3), rng.uniform(0, 1, 2) * (self.drift_px, self.gain_db)
+        wave = lambda k: torch.tensor(np.sin(2 * np.pi * f * t + ph[k]), dtype=torch.float32)
+        dy, dx, g = a[0] * wave(0), a[0] * wave(1), 10 ** (a[1] * wave(2) / 20)
+        theta = torch.zeros(T, 2, 3); theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, 0, 2], theta[:, 1, 2] = -2 * dx / W, -2 * dy / H                           # content moves by (+dy, +dx)
+        x = clip.permute(1, 0, 2, 3)                                                         # (T,3,H,W)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+        return (x * g[:, None, None, None]).clamp_(0, 1).permute(1, 0, 2, 3).contiguous()
+    def __getitem__(self, i:int):
+        item = self.ds[i]
+        if isinstance(item, torch.Tensor): return self.sway(item, i)
+        if isinstance(item, (tuple, list)) and isinstance(item[0], torch.Tensor): return (self.sway(item[0], i), *item[1:])
+        if isinstance(item, dict) and isinstance(item.get('video'), torch.Tensor): return {**item, 'video': self.sway(item['video'], i)}
+        return item
+
