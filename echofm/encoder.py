@@ -20,7 +20,7 @@ __all__ = ['PRESETS', 'EXTRA_FLOPS', 'EchoFMConfig', 'init_vit_', 'vit_blocks', 
 
 # %% ../nbs/07_encoder.ipynb #81e6dc9e
 _CHOICES = dict(pos_embed=('learned', 'sincos', 'sincos_joint'), objective=('two_pass', 'single_pass', 'mae'),
-                mining=('random', 'hard'), mining_space=('embedding', 'pixel'), sim=('l2', 'cosine'),
+                mining=('random', 'hard'), mining_space=('embedding', 'pixel', 'pooled'), sim=('l2', 'cosine'),
                 positives=('mean', 'nearest'))
 
 @dataclass
@@ -57,10 +57,12 @@ class EchoFMConfig:
     margin: float = 0.5          # alpha of the triplet loss
     adjacent: int = 1            # slices this close to the anchor are never negatives
     mining: str = 'random'       # 'random' | 'hard'
-    mining_space: str = 'pixel'  # 'pixel' (echofm) | 'embedding' (paper: the model's own S)
+    mining_space: str = 'pixel'  # 'pixel' (echofm) | 'pooled' (4x4-pooled, standardised pixels) | 'embedding' (paper: the model's own S)
     positives: str = 'nearest'   # 'nearest' (echofm: the closest slice beyond `adjacent`) | 'mean' (paper: below the row mean)
     sim: str = 'l2'              # 'l2' (paper) | 'cosine'
     slice_norm: bool = True      # L2-normalise z_cls, distances in [0, 2] (echofm); False: raw (paper)
+    drift_px: float = 0.         # breathing in training (echofm.model.breathe): drift up to this many pixels, after mining
+    gain_db: float = 0.          # ... and gain sway up to this many dB
 
     def __post_init__(self):
         for k, ok in _CHOICES.items():

@@ -17,7 +17,7 @@ from .projector import Projector
 from .similarity import self_similarity, triplet_masks, triplet_loss
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PAPER_PCL', 'EchoFM', 'EchoFMConfig']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PAPER_PCL', 'EchoFM', 'breathe', 'EchoFMConfig']
 
 # %% ../nbs/11_model.ipynb #5a1463ff
 _all_ = ['EchoFMConfig']   # re-exported: `from echofm.model import EchoFM, EchoFMConfig`
@@ -59,18 +59,40 @@ class EchoFM(nn.Module):
 def mining_similarity(self:EchoFM, x:Tensor, z:Tensor|None=None, z_cls:Tensor|None=None, space:str|None=None) -> Tensor:
     "S (B,T',T') to mine triplets from, without gradient: pixels of the normalised clip `x`, or the slice embeddings."
     c = self.cfg
-    if (space or c.mining_space) == 'pixel':
+    space = space or c.mining_space
+    if space == 'pixel':
         v = rearrange(patchify(x, c.tubelet, c.patch), 'b (t l) p -> b t (l p)', t=c.n_slices)  # (B,T',L*P)
+        return self_similarity(v, c.sim)
+    if space == 'pooled':                        # blind to gain (each slice standardised) and to a pixel or two of drift
+        v = rearrange(F.avg_pool3d(x, (1, 4, 4)), 'b c (t k) h w -> b t (k c h w)', k=c.tubelet)
+        v = (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + 1e-6)
         return self_similarity(v, c.sim)
     if z_cls is None: z_cls = self.slice_embed(z)                              # (B,T',D)
     return self_similarity(z_cls, c.sim)
 
 # %% ../nbs/11_model.ipynb #5fc251db
+def breathe(video:Tensor, drift_px:float=1., gain_db:float=0., generator=None) -> Tensor:
+    """Clips `video` (B,3,T,H,W) in [0,1] as if the patient breathed: per clip, a smooth drift of up to `drift_px` pixels (both
+    axes) and a gain sway of up to `gain_db` dB, a breath every 3-5 s over a clip of 1.1-2.2 s (two beats)."""
+    B, C, T, H, W = video.shape
+    u = lambda *s: torch.rand(*s, generator=generator).to(video.device)
+    t = torch.linspace(0, 1, T, device=video.device)[None] * (1.1 + 1.1 * u(B, 1))                        # (B,T) seconds
+    f, ph, a = 0.2 + (1 / 3 - 0.2) * u(B, 1), 2 * torch.pi * u(B, 3), u(B, 2) * torch.tensor([drift_px, gain_db], device=video.device)
+    wave = lambda k: torch.sin(2 * torch.pi * f * t + ph[:, k:k + 1])                                    # (B,T)
+    dy, dx, g = a[:, :1] * wave(0), a[:, :1] * wave(1), 10 ** (a[:, 1:] * wave(2) / 20)
+    theta = torch.zeros(B * T, 2, 3, device=video.device); theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2], theta[:, 1, 2] = (-2 * dx / W).flatten(), (-2 * dy / H).flatten()                   # content moves by (+dy, +dx)
+    x = rearrange(video, 'b c t h w -> (b t) c h w')
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode='border', align_corners=False)
+    return (rearrange(x, '(b t) c h w -> b c t h w', b=B) * g[:, None, :, None, None]).clamp(0, 1)
+
 @patch
 def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
     "Losses of one training step on clips `video` (B,3,T,H,W) in [0,1]: dict(loss, loss_rec, loss_con, valid_frac, d_pos, d_neg[, spread])."
     c, x = self.cfg, self.normalize(video)                                      # (B,C,T,H,W)
-    B = x.shape[0]
+    B, x_mine = x.shape[0], x
+    if self.training and (c.drift_px or c.gain_db):     # triplets mined from the clip as scanned, learned through the breathing
+        x = self.normalize(breathe(video, c.drift_px, c.gain_db, generator))
     ids_keep, _, ids_restore = self.make_mask('tube' if c.objective == 'single_pass' else 'uniform', B, generator)
     tubelets = patchify(x, c.tubelet, c.patch)                                  # (B, N, t*p*p*C): input and target
     if c.objective == 'two_pass':       # both passes in one batched encoder call: (2B, 1+T'l, D), split
@@ -85,9 +107,9 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
         return dict(loss=loss_rec, loss_rec=loss_rec, loss_con=zero, valid_frac=zero, d_pos=zero, d_neg=zero)
     if c.objective == 'single_pass':
         z_cls = self.slice_embed(z)                                             # (B, T', D), with gradient
-        S = self.mining_similarity(x, z_cls=z_cls.detach())                     # (B, T', T')
+        S = self.mining_similarity(x_mine, z_cls=z_cls.detach())                # (B, T', T')
     else:
-        S = self.mining_similarity(x, z)                                        # pass 1 (uniform), no gradient
+        S = self.mining_similarity(x_mine, z)                                   # pass 1 (uniform), no gradient
         z_cls = self.slice_embed(z_tube)                                        # pass 2 (tube): (B, T', D)
     pos, neg = triplet_masks(S, c.adjacent, rule=c.positives)                  # (B, T', T') bool
     loss_con, st = triplet_loss(z_cls, pos, neg, c.margin, c.mining, generator, c.sim, S=S)   # Eq. 3
@@ -98,14 +120,16 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
 @patch
 @torch.no_grad()
 def encode(self:EchoFM, video:Tensor, mask_ratio:float=0., generator=None) -> dict:
-    "Features of clips `video` (B,3,T,H,W) in [0,1]: dict(tokens (B,n,D), cls (B,D), slices (B,T',D), video (B,D))."
+    """Features of clips `video` (B,3,T,H,W) in [0,1]: dict(tokens (B,n,D), cls (B,D), slices (B,T',D), slice_tokens (B,T',D), video (B,D)).
+    `slices`: the projector's [CLS] per slice (what L_c trains); `slice_tokens`: the encoder's tokens averaged per slice (what a
+    downstream model built on the frozen encoder sees; the same as `slices` for the 'mae' objective, which has no projector)."""
     x = self.normalize(video)
     ids_keep = None if mask_ratio == 0 else self.make_mask('tube', x.shape[0], generator, mask_ratio)[0]
     z = self.encoder(x, ids_keep)                                               # (B, 1+n, D)
     tokens = z[:, 1:]
-    if self.cfg.objective == 'mae': slices = rearrange(tokens, 'b (t l) d -> b t l d', t=self.cfg.n_slices).mean(2)
-    else: slices = self.slice_embed(z)                                          # (B, T', D)
-    return dict(tokens=tokens, cls=z[:, 0], slices=slices, video=tokens.mean(1))
+    per_slice = rearrange(tokens, 'b (t l) d -> b t l d', t=self.cfg.n_slices).mean(2)   # (B, T', D)
+    slices = per_slice if self.cfg.objective == 'mae' else self.slice_embed(z)  # (B, T', D)
+    return dict(tokens=tokens, cls=z[:, 0], slices=slices, slice_tokens=per_slice, video=tokens.mean(1))
 
 # %% ../nbs/11_model.ipynb #48946f1d
 @patch

@@ -106,28 +106,28 @@ def heldout_clips(n_per_view:int=4, n_frames:int=16, size:int=112, seed:int=HELD
 
 # %% ../nbs/20_probe.ipynb #1ed942dc
 class Pixels:
-    "Raw pixels as features: encode(video (B,3,T,H,W)) -> dict(slices (B,T',tubelet*3*H*W), video (B, 3*side*side))."
+    "Raw pixels as features: encode(video (B,3,T,H,W)) -> dict(slices = slice_tokens (B,T',tubelet*3*H*W), video (B, 3*side*side))."
     def __init__(self, tubelet:int=2, side:int=16): self.tubelet, self.side, self.training = tubelet, side, False
     def eval(self): return self
     def train(self, mode:bool=True): return self
     def encode(self, video:Tensor) -> dict:
         slices = rearrange(video.float(), 'b c (t k) h w -> b t (k c h w)', k=self.tubelet)
         pooled = torch.nn.functional.adaptive_avg_pool2d(video.float().mean(2), self.side)      # (B,3,side,side)
-        return dict(slices=slices, video=pooled.flatten(1))
+        return dict(slices=slices, slice_tokens=slices, video=pooled.flatten(1))
 
 @torch.no_grad()
-def slice_distances(model, clips:Tensor, batch_size:int=8) -> Tensor:
-    "S (N,T',T'): L2 distances (Eq. 2) between `model.encode(clips)['slices']`, in eval mode, batch by batch."
+def slice_distances(model, clips:Tensor, batch_size:int=8, key:str='slice_tokens') -> Tensor:
+    "S (N,T',T'): L2 distances (Eq. 2) between `model.encode(clips)[key]` ('slice_tokens': the encoder's; 'slices': the projector's), in eval mode, batch by batch."
     was = model.training; model.eval()
     dev = next(model.parameters()).device if hasattr(model, 'parameters') else 'cpu'
-    S = torch.cat([self_similarity(model.encode(clips[i:i + batch_size].to(dev))['slices'].float()).cpu()
+    S = torch.cat([self_similarity(model.encode(clips[i:i + batch_size].to(dev))[key].float()).cpu()
                    for i in range(0, len(clips), batch_size)])
     model.train(was)
     return S
 
-def phase_scores(model, clips:Tensor, batch_size:int=8) -> dict:
-    "Mean phase contrast and same-phase retrieval of `model` (EchoFM or Pixels) on two-cycle `clips`; per-clip values and S too."
-    S = slice_distances(model, clips, batch_size)
+def phase_scores(model, clips:Tensor, batch_size:int=8, key:str='slice_tokens') -> dict:
+    "Mean phase contrast and same-phase retrieval of `model` (EchoFM or Pixels) on two-cycle `clips`, read from `encode(...)[key]`; per-clip values and S too."
+    S = slice_distances(model, clips, batch_size, key)
     pc, r = phase_contrast(S), same_phase_retrieval(S)
     return dict(phase_contrast=pc.mean().item(), retrieval=r.mean().item(), per_clip=dict(phase_contrast=pc, retrieval=r), S=S)
 
