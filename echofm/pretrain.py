@@ -19,7 +19,8 @@ from .engine import TrainConfig, StopRequest, NonFiniteLoss, LOG_COLUMNS, write_
 from .plots import similarity_of, plot_losses, plot_similarity, plot_reconstruction
 
 # %% auto #0
-__all__ = ['DEFAULT_STEPS', 'BASE_LR', 'parse_overrides', 'model_config', 'build_model', 'holdout_clip', 'pretrain']
+__all__ = ['DEFAULT_STEPS', 'PRETRAIN_SET', 'BASE_LR', 'parse_overrides', 'model_config', 'build_model', 'holdout_clip',
+           'lesson_threads', 'pretrain']
 
 # %% ../nbs/12f_pretrain.ipynb #4aef1652
 def parse_overrides(items) -> dict:
@@ -53,7 +54,8 @@ def build_model(preset:str='tiny', overrides:dict|None=None):
     return EchoFM(model_config(preset, overrides))
 
 # %% ../nbs/12f_pretrain.ipynb #d0f0f430
-DEFAULT_STEPS = 400                            # the no-argument CPU lesson (about 1.6 min on 2 idle cores)
+DEFAULT_STEPS = 200                            # the no-argument CPU lesson (3-4.5 min on the 2-core build box)
+PRETRAIN_SET = dict(lambda_c=2.)               # echofm pretrain's settings beyond the preset's (--set overrides them)
 BASE_LR = dict(tiny=3.2e-2, small=3.2e-2, base=1.5e-4, large=1.5e-4)
 
 def holdout_clip(cfg, seed:int=0, ds=None, hold:bool=True) -> torch.Tensor:
@@ -85,6 +87,14 @@ def _enough_clips(ds, data, batch_size:int, world:int) -> int:
                             f"{' over all processes' if world > 1 else ''}; try --batch_size {max(1, n // world)}")
     return n
 
+def _threads_note(device) -> str:
+    nt = torch.get_num_threads()
+    return f" ({nt} thread{'s' * (nt != 1)})" if str(device) == 'cpu' else ''
+
+def lesson_threads() -> int:
+    "CPU threads for the no-argument lesson: the cores other work leaves idle (1-minute load average), at least 1."
+    return max(1, min(torch.get_num_threads(), int(os.cpu_count() - os.getloadavg()[0] + 0.5)))
+
 def _checkpoint_path(resume) -> Path:
     p = Path(resume); p = p/'checkpoint.pt' if p.is_dir() else p
     if not p.exists(): raise FileNotFoundError(f"--resume {resume}: no checkpoint there")
@@ -111,7 +121,7 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
              preset:str='tiny',            # model size: tiny | small | base | large
              set:Param("config overrides, e.g. --set mask_ratio=0.9 objective=single_pass", str, nargs='*')=None,
              batch_size:int=8,             # clips per process and micro-batch
-             max_steps:int=None,           # optimiser steps (default 400 when --epochs is not given either)
+             max_steps:int=None,           # optimiser steps (default DEFAULT_STEPS when --epochs is not given either)
              epochs:float=None,            # passes over the data, instead of --max_steps
              lr:float=None,                # peak learning rate (default: base_lr * effective batch / 256)
              base_lr:float=None,           # learning rate per 256 clips (default by preset, see BASE_LR)
@@ -134,6 +144,7 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
              phantoms:int=64,              # phantom clips added to data_samples/ when --data is not given
              cycles:float=2.,              # cardiac cycles each training clip spans (>= 2: PCL sees every phase twice)
              phase_every:int=50,           # steps between phase scores on held-out two-cycle phantoms (0: never; echofm.probe)
+             threads:int=None,             # torch CPU threads (default: torch's; the no-argument lesson: the idle cores)
              quiet:store_true=False,       # no progress bar
             ):
     "Pretrain EchoFM (the main job): writes checkpoint, metrics.csv, encoder.safetensors and figures to a run folder."
@@ -149,19 +160,22 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
             # a checkpoint without 'cycles' comes from before --cycles existed, when every clip spanned one cycle: resuming
             # it must draw the clips it trained on, so a missing key means 1 (not today's default 2); 'holdout' likewise
             data, phantoms, preset, cycles = a.get('data', data), a.get('phantoms', phantoms), a.get('preset', preset), a.get('cycles', 1.)
-            hold = a.get('holdout') is not None
+            hold, threads = a.get('holdout') is not None, threads or a.get('threads')   # the same threads: the same sums
             tc = TrainConfig(**{**ck['train'], **limits, 'max_steps': max_steps or ck['max_steps'],
                                 'time_limit': max_minutes and max_minutes * 60})
         else:
-            if max_steps is None and epochs is None: max_steps, max_minutes = DEFAULT_STEPS, max_minutes or 4.5
+            if max_steps is None and epochs is None:    # the lesson: threads that do not wait on a busy core for each other
+                max_steps, max_minutes, threads = DEFAULT_STEPS, max_minutes or 4.5, threads or (lesson_threads() if device == 'cpu' else None)
             if batch_size < 1: raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
             if accum < 1: raise ValueError(f"--accum must be at least 1, got {accum}")
             lr = lr or scaled_lr(base_lr or BASE_LR.get(preset, 1.5e-4), batch_size, world, accum)
             tc = TrainConfig(batch_size=batch_size, max_steps=max_steps, epochs=epochs, lr=lr, warmup=warmup,
                              min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, clip_grad=clip_grad or None, accum=accum,
                              precision=precision, seed=seed, ckpt_every=ckpt_every, time_limit=max_minutes and max_minutes * 60, **limits)
-            cfg = model_config(preset, parse_overrides(set))
+            ov = parse_overrides(set)                          # the command's own settings where --set leaves them
+            cfg = dataclasses.replace(model_config(preset, ov), **{k: v for k, v in PRETRAIN_SET.items() if k not in ov})
             out = out or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        if threads: torch.set_num_threads(threads)
         ds = build_data(data, cfg.n_frames, cfg.img_size, tc.seed, phantoms, cycles=cycles)
         n_clips = _enough_clips(ds, data, tc.batch_size, world)
         if not resume: hold = n_clips > tc.batch_size * world  # a folder with a video to spare holds its last one out
@@ -170,12 +184,13 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
         torch.manual_seed(tc.seed)
         model = EchoFM(cfg)
         if init and not resume: load_encoder(model, init)
-        extra = dict(args=dict(data=data, phantoms=phantoms, preset=preset, cycles=cycles,
+        extra = dict(args=dict(data=data, phantoms=phantoms, preset=preset, cycles=cycles, threads=threads,
                                holdout=str(getattr(ds, 'held_out', '')) or None))
         if not resume: extra['S_before'] = similarity_of(model, held)
         mon = _phase_monitor(cfg, phase_every)                # phase scores and collapse flag in metrics.csv
         if rank == 0: print(f"echofm pretrain: {preset} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params), "
-                            f"{n_clips} clips, batch {tc.batch_size}x{tc.accum}, lr {tc.lr:.2e}, {device} -> {out}", flush=True)
+                            f"{n_clips} clips, batch {tc.batch_size}x{tc.accum}, lr {tc.lr:.2e}, {device}"
+                            f"{_threads_note(device)} -> {out}", flush=True)
         t0 = time.time()
         r = train(model, ds, tc, out=out, resume=resume, extra=extra, stop=stop, callbacks=[mon] if mon else [])
     if rank != 0: return r
@@ -185,7 +200,7 @@ def pretrain(data:str=None,                # folder of videos/DICOMs/NPZ (recurs
     plot_similarity(r['extra']['S_before'], similarity_of(model, held), out/'similarity.png')
     plot_reconstruction(model, held, out/'reconstruction.png')
     last = r['rows'][-1] if r['rows'] else {}
-    summary = dict(steps=r['step'], of=r['total'], stopped=r['stopped'], minutes=(time.time() - t0) / 60, world=r['world'],
+    summary = dict(steps=r['step'], of=r['total'], stopped=r['stopped'], minutes=(time.time() - t0) / 60, world=r['world'], threads=torch.get_num_threads(),
                    unreadable_clips_skipped=r['n_bad'], loss_rec=last.get('loss_rec'), loss_con=last.get('loss_con'),
                    config=dataclasses.asdict(cfg))
     if mon: summary['phase'] = _phase_summary(model, mon, last)
