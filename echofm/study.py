@@ -18,9 +18,10 @@ __all__ = ['PAPER', 'ARMS', 'PCL_ARMS', 'NO_PCL', 'LE_ARMS', 'LE_FRACS', 'ci95',
 
 # %% ../nbs/21_study.ipynb #86f49e3c
 from .model import PAPER_PCL
+from .pretrain import PRETRAIN_SET
 PAPER = dict(objective='two_pass', margin=0.5, lambda_c=1., **PAPER_PCL)
 ARMS = dict(random=None, pixels=None, mae=dict(objective='mae'), two_pass=PAPER,
-            single_pass={**PAPER, 'objective': 'single_pass'}, echofm={})
+            single_pass={**PAPER, 'objective': 'single_pass'}, echofm=dict(PRETRAIN_SET))   # echofm: as `echofm pretrain` trains
 PCL_ARMS, NO_PCL = ('two_pass', 'single_pass', 'echofm'), 'mae'
 
 def ci95(values) -> list:
