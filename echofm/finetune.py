@@ -517,11 +517,15 @@ def finetune(task:str='view',       # view | seg | as | ar | ef
              seed:int=0,            # seeds the split, the head and the augmentation
              n_patients:int=None,   # phantom patients (default by task)
              device:str='cpu',      # cpu | cuda
+             threads:int=None,      # torch CPU threads (default: the cores other work leaves idle, as echofm pretrain's lesson)
              quiet:bool=False,      # no progress bar
             ):
     "Fine-tune a (pretrained) encoder on a downstream task; writes metrics.json, predictions.csv, the head and figures."
     out = out or f"runs/finetune-{task}-{mode}"
     max_minutes = max_minutes or (4. if task == 'seg' else 3.)
+    if threads or device == 'cpu':                  # two threads on a box with one busy core wait for each other at every op
+        from echofm.pretrain import lesson_threads
+        torch.set_num_threads(threads or lesson_threads())
     r = run_task(task, init, mode, label_frac, data, labels, max_minutes, out, seed, n_patients, epochs, device, not quiet)
     print(f"echofm finetune {task} ({mode}, {'random init' if not init else init}): " +
           ', '.join(f"{k} {v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for k, v in list(r['metrics'].items())[:6]) +
