@@ -99,20 +99,11 @@ class Breathing(Dataset):
     def set_epoch(self, epoch:int): self.epoch = epoch
     n_bad = property(lambda self: bad_count(self.ds))
     def sway(self, clip:torch.Tensor, i:int) -> torch.Tensor:
-        "Clip (3,T,H,W) in [0,1] with the breathing of item `i`."
+        "Clip (3,T,H,W) in [0,1] with the breathing of item `i`: `echofm.model.breathe` on it, its draws seeded by (seed, epoch, i)."
         import numpy as np
-        rng = np.random.default_rng([self.seed, self.epoch, i, 0xB4EA])
-        T, H, W = clip.shape[1:]
-        t = np.arange(T) / max(T - 1, 1) * rng.uniform(1.1, 2.2)                       # seconds
-        f, ph, a = rng.uniform(0.2, 1 / 3), rng.uniform(0, 2 * np.pi, 3), rng.uniform(0, 1, 2) * (self.drift_px, self.gain_db)
-        wave = lambda k: torch.tensor(np.sin(2 * np.pi * f * t + ph[k]), dtype=torch.float32)
-        dy, dx, g = a[0] * wave(0), a[0] * wave(1), 10 ** (a[1] * wave(2) / 20)
-        theta = torch.zeros(T, 2, 3); theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, 0, 2], theta[:, 1, 2] = -2 * dx / W, -2 * dy / H                           # content moves by (+dy, +dx)
-        x = clip.permute(1, 0, 2, 3)                                                         # (T,3,H,W)
-        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        x = torch.nn.functional.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-        return (x * g[:, None, None, None]).clamp_(0, 1).permute(1, 0, 2, 3).contiguous()
+        from echofm.model import breathe
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, i, 0xB4EA]).generate_state(1)[0]))
+        return breathe(clip[None], self.drift_px, self.gain_db, g)[0]
     def __getitem__(self, i:int):
         item = self.ds[i]
         if isinstance(item, torch.Tensor): return self.sway(item, i)

@@ -80,8 +80,7 @@ def study_label_efficiency(runs:dict, task:str='view', fracs=LE_FRACS, n_patient
             for fr in fracs:
                 r = run_task(task, init=f, mode='frozen', label_frac=fr, d=d, progress=False, figures=False, n_boot=20)
                 per[fr].append(r['metrics'][metric]['value'])
-        out[arm] = dict(metric=metric, task=task, fracs={str(fr): dict(value=float(np.mean(v)), ci95=ci95(v), seeds=[float(x) for x in v])
-                                                          for fr, v in per.items()})
+        out[arm] = dict(metric=metric, task=task, fracs={str(fr): _agg(v) for fr, v in per.items()})
         if verbose: print(f"  {arm:12s} {metric}: " + '  '.join(f"{100 * fr:g}% {np.mean(v):.3f}" for fr, v in per.items()))
     return out
 
@@ -101,11 +100,14 @@ def plot_label_efficiency(le:dict, path=None):
     return fig
 
 # %% ../nbs/21_study.ipynb #6b80b2f2
+def _agg(vs) -> dict:
+    "One score over seeds: its mean, 95% interval and the per-seed values."
+    return dict(value=float(np.mean(vs)), ci95=ci95(vs), seeds=[float(v) for v in vs])
+
 def _aggregate(per_seed:list) -> dict:
     "Per-seed scores of one arm -> {phase_contrast: {value, ci95}, retrieval: ..., probe: {task: {value, ci95}}}."
-    agg = lambda vs: dict(value=float(np.mean(vs)), ci95=ci95(vs), seeds=[float(v) for v in vs])
-    out = {k: agg([s[k] for s in per_seed]) for k in ('phase_contrast', 'retrieval')}
-    out['probe'] = {t: agg([s['probe'][t] for s in per_seed]) for t in per_seed[0]['probe']}
+    out = {k: _agg([s[k] for s in per_seed]) for k in ('phase_contrast', 'retrieval')}
+    out['probe'] = {t: _agg([s['probe'][t] for s in per_seed]) for t in per_seed[0]['probe']}
     return out
 
 def run_study(out, steps:int=400, seeds:int=3, arms:dict=ARMS, preset:str='tiny', phase_per_view:int=4,
