@@ -63,6 +63,7 @@ class EchoFMConfig:
     slice_norm: bool = True      # L2-normalise z_cls, distances in [0, 2] (echofm); False: raw (paper)
     drift_px: float = 0.         # breathing in training (echofm.model.breathe): drift up to this many pixels, after mining
     gain_db: float = 0.          # ... and gain sway up to this many dB
+    frame_norm: bool = False     # standardise each frame (mean 0, std 1 over C,H,W) instead of ImageNet statistics: blind to gain
 
     def __post_init__(self):
         for k, ok in _CHOICES.items():

@@ -17,7 +17,7 @@ from .projector import Projector
 from .similarity import self_similarity, triplet_masks, triplet_loss
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PAPER_PCL', 'EchoFM', 'breathe', 'EchoFMConfig']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PAPER_PCL', 'frame_stats', 'EchoFM', 'breathe', 'EchoFMConfig']
 
 # %% ../nbs/11_model.ipynb #5a1463ff
 _all_ = ['EchoFMConfig']   # re-exported: `from echofm.model import EchoFM, EchoFMConfig`
@@ -25,6 +25,10 @@ _all_ = ['EchoFMConfig']   # re-exported: `from echofm.model import EchoFM, Echo
 # %% ../nbs/11_model.ipynb #1e786cd6
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PAPER_PCL = dict(mining_space='embedding', slice_norm=False, positives='mean')   # the paper's PCL as printed (echofm's defaults differ: 20_probe)
+
+def frame_stats(video:Tensor) -> tuple[Tensor, Tensor]:
+    "Mean and standard deviation (B,1,T,1,1) of each frame of clips `video` (B,C,T,H,W), over C, H, W; the std at least 1e-3."
+    return video.mean((1, 3, 4), keepdim=True), video.std((1, 3, 4), keepdim=True).clamp_min(1e-3)
 
 class EchoFM(nn.Module):
     "EchoFM: ViT encoder, MAE decoder and per-slice projector; `forward(video)` -> dict of the losses of Eqs. 1-4."
@@ -38,8 +42,14 @@ class EchoFM(nn.Module):
         self.register_buffer('mean', stat(IMAGENET_MEAN), persistent=False)
         self.register_buffer('std', stat(IMAGENET_STD), persistent=False)
 
-    def normalize(self, video:Tensor) -> Tensor: return (video - self.mean) / self.std     # (B,C,T,H,W)
-    def denormalize(self, x:Tensor) -> Tensor: return x * self.std + self.mean
+    def normalize(self, video:Tensor) -> Tensor:
+        "Clips (B,C,T,H,W) in [0,1] -> what the encoder sees and the decoder rebuilds: ImageNet statistics, or each frame standardised (`cfg.frame_norm`)."
+        if self.cfg.frame_norm: mu, sd = frame_stats(video); return (video - mu) / sd
+        return (video - self.mean) / self.std
+    def denormalize(self, x:Tensor, video:Tensor|None=None) -> Tensor:
+        "Undo `normalize`; with `cfg.frame_norm` each frame's statistics come from `video`."
+        if self.cfg.frame_norm: mu, sd = frame_stats(video); return x * sd + mu
+        return x * self.std + self.mean
 
     def make_mask(self, kind:str, B:int, generator=None, ratio:float|None=None):
         "(ids_keep, mask, ids_restore) of mask `kind` ('random'|'uniform'|'tube') for B clips, on the model's device."
@@ -142,7 +152,7 @@ def reconstruct(self:EchoFM, video:Tensor, mask_kind:str='uniform', generator=No
     target = patchify(x, c.tubelet, c.patch)
     loss_rec = recon_loss(pred, target, mask, c.norm_pix_loss)
     if c.norm_pix_loss: pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-    pred_video = self.denormalize(unpatchify(pred, x.shape, c.tubelet, c.patch)).clamp(0, 1)
+    pred_video = self.denormalize(unpatchify(pred, x.shape, c.tubelet, c.patch), video).clamp(0, 1)
     m = mask_to_video(mask, x.shape, c.tubelet, c.patch)                         # (B,1,T,H,W), 1 = hidden
     return dict(pred_video=pred_video, mask_video=m, masked_video=video * (1 - m),
                 blend=video * (1 - m) + pred_video * m, loss_rec=loss_rec)
