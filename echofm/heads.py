@@ -20,12 +20,12 @@ def feature_depths(depth:int, n:int=4) -> tuple:
     "The `n` evenly spaced block indices (1-based) UNETR reads from a `depth`-block encoder: (3,6,9,12) for 12."
     return tuple(round(depth * (i + 1) / n) for i in range(n))
 
-def encoder_features(model, video:Tensor, depths=None) -> list[Tensor]:
-    "Tokens (B, N, D) after each block in `depths` (1-based; the last one after the final norm) of clips `video` (B,3,T,H,W) in [0,1]."
+def encoder_features(model, video:Tensor, depths=None, ids_keep:Tensor|None=None) -> list[Tensor]:
+    "Tokens (B, N, D) after each block in `depths` (1-based; the last one after the final norm) of clips `video` (B,3,T,H,W) in [0,1]; only tokens `ids_keep` (B, n) if given."
     enc = model.encoder
     depths = feature_depths(len(enc.blocks)) if depths is None else tuple(depths)
     got, hooks = {}, [enc.blocks[d - 1].register_forward_hook(lambda m, i, o, d=d: got.__setitem__(d, o)) for d in depths]
-    try: z = enc(model.normalize(video))                                       # (B, 1+N, D)
+    try: z = enc(model.normalize(video), ids_keep)                             # (B, 1+N, D), or (B, 1+n, D)
     finally:
         for h in hooks: h.remove()
     last = len(enc.blocks)
@@ -118,16 +118,18 @@ class Finetuner(nn.Module):
         if kind == 'cls': self.head = PoolHead(model.cfg.dim, n_out)
         else: self.head = LinearSegHead(model.cfg, n_out) if mode == 'linear' else UNETRHead(model.cfg, n_out, **head_kw)
 
-    def features(self, video:Tensor) -> list[Tensor]:
-        "Encoder tokens the head needs: the last depth for pooling / linear, four depths for UNETR."
+    def features(self, video:Tensor, ids_keep:Tensor|None=None) -> list[Tensor]:
+        "Encoder tokens the head needs: the last depth for pooling / linear, four depths for UNETR; only tokens `ids_keep` if given."
         depths = feature_depths(self.cfg.depth) if isinstance(self.head, UNETRHead) else (self.cfg.depth,)
-        if self.mode == 'full': return encoder_features(self.model, video, depths)
+        if self.mode == 'full': return encoder_features(self.model, video, depths, ids_keep)
         self.model.eval()
-        with torch.no_grad(): return encoder_features(self.model, video, depths)
+        with torch.no_grad(): return encoder_features(self.model, video, depths, ids_keep)
 
-    def forward(self, video:Tensor, slices:Tensor|None=None) -> Tensor:
-        "Clips (B,3,T,H,W) in [0,1] -> logits (B, n_out) or (B, n_classes, T, H, W); segmentation of tubelet `slices` only if given."
-        f = self.features(video)
+    def forward(self, video:Tensor, slices:Tensor|None=None, ids_keep:Tensor|None=None) -> Tensor:
+        """Clips (B,3,T,H,W) in [0,1] -> logits (B, n_out) or (B, n_classes, T, H, W); segmentation of tubelet `slices` only if given.
+        `ids_keep` (B, n): the pooled head sees only these tokens (token dropping while fine-tuning: fewer tokens, faster steps)."""
+        if ids_keep is not None and self.kind != 'cls': raise ValueError("ids_keep (token dropping) is for the pooled head only")
+        f = self.features(video, ids_keep)
         if self.kind == 'cls': return self.head(f[-1])
         if isinstance(self.head, UNETRHead): return self.head(f, self.model.normalize(video), slices)
         y = self.head(f)

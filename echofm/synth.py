@@ -314,7 +314,7 @@ class Leaflet:
 def aortic_valve(h:Heart, hinges, closed, opened, length:float, valve:str='aortic') -> list:
     "Aortic cusps, thickened, brightened (calcium) and restricted by the heart's AS severity."
     s = h.conspicuity*h.as_severity
-    kw = dict(thick=1.3 + 0.75*s, echo=ECHO['valve']*(1 + 0.25*s), open_max=1/(1 + 0.42*s), valve=valve)
+    kw = dict(thick=1.3 + 1.5*s, echo=ECHO['valve']*(1 + 0.8*s), open_max=1/(1 + 0.8*s), valve=valve)
     return [Leaflet(hinge=H, closed=c, opened=o, length=length, **kw) for H, c, o in zip(hinges, closed, opened)]
 
 @dataclass(kw_only=True)
