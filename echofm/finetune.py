@@ -22,12 +22,12 @@ __all__ = ['TASKS', 'LOWER_IS_BETTER', 'PATIENTS', 'STRUCTURES', 'as_group', 'ar
            'machine', 'save_head', 'run_task', 'finetune', 'load_finetuned', 'evaluate', 'label_efficiency']
 
 # %% ../nbs/17_finetune.ipynb #e718d748
-TASKS = {   # kind, classes (None: regression), the metric the progress bar and model selection follow
-    'view': dict(kind='cls', classes=VIEWS, metric='accuracy'),
-    'seg':  dict(kind='seg', classes=('background', 'lv_endo', 'lv_myo', 'la'), metric='dice_mean'),
-    'as':   dict(kind='cls', classes=('none', 'early', 'significant'), metric='auroc_absent_vs_present'),
-    'ar':   dict(kind='cls', classes=('non-severe', 'severe'), metric='f1'),
-    'ef':   dict(kind='reg', classes=None, metric='mae'),
+TASKS = {   # kind, classes (None: regression), the metric the progress bar and model selection follow, the default mode
+    'view': dict(kind='cls', classes=VIEWS, metric='accuracy', mode='full'),
+    'seg':  dict(kind='seg', classes=('background', 'lv_endo', 'lv_myo', 'la'), metric='dice_mean', mode='frozen'),
+    'as':   dict(kind='cls', classes=('none', 'early', 'significant'), metric='auroc_absent_vs_present', mode='full'),
+    'ar':   dict(kind='cls', classes=('non-severe', 'severe'), metric='f1', mode='frozen'),
+    'ef':   dict(kind='reg', classes=None, metric='mae', mode='frozen'),
 }
 LOWER_IS_BETTER = ('mae', 'hd95', 'assd')
 
@@ -231,9 +231,9 @@ def _better(metric:str, a:float, b:float) -> bool:
 # %% ../nbs/17_finetune.ipynb #80e5cd0f
 def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:float=3., batch_size:int|None=None,
         lr:float|None=None, weight_decay:float=0.05, layer_decay:float=0.75, seed:int=0, device='cpu',
-        slices:int=2, progress:bool=True) -> dict:
+        slices:int=2, probe_first:int=300, keep:float=0.5, progress:bool=True) -> dict:
     "Train the head (and, in `full` mode, the encoder) of `ft` on the train split of task set `d`; keep the best on val."
-    torch.manual_seed(seed); gen = torch.Generator().manual_seed(seed)
+    t0 = time.time(); torch.manual_seed(seed); gen = torch.Generator().manual_seed(seed)
     ft.to(device); dev = torch.device(device)
     kind, metric = TASKS[task]['kind'], TASKS[task]['metric']
     tr, va = _idx(d, 'train'), _idx(d, 'val')
@@ -242,13 +242,15 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
         with torch.no_grad(): ft.head.fc.bias.fill_(float(Y[tr].mean()) / 10)
     fast = kind != 'seg' and ft.mode != 'full'                                  # pooled features + flips, precomputed
     if fast: feats, fval = pooled_features(ft, X[tr].to(dev)).to(dev), pooled_features(ft, X[va].to(dev), flips=False)[0].to(dev)
+    if kind != 'seg' and ft.mode == 'full' and probe_first:                     # LP-FT: the head first learns on the frozen
+        _probe_head(ft, pooled_features(ft, X[tr].to(dev)).to(dev), Y[tr].to(dev), task, probe_first, weight_decay, gen)   # encoder
     bs = batch_size or (64 if fast else 4 if kind == 'seg' else 8)
     lr = lr or (3e-3 if fast else 1e-3)
     epochs = epochs or (300 if fast else 200)
     steps_per = len(_batches(len(tr), bs, torch.Generator().manual_seed(0)))
     opt = torch.optim.AdamW(ft.param_groups(lr, weight_decay, layer_decay))
     for g in opt.param_groups: g['base_lr'] = g['lr']
-    loss_fn, total, t0 = _loss_fn(task), epochs * steps_per, time.time()
+    loss_fn, total = _loss_fn(task), epochs * steps_per
     best, best_state, hist, step, loss, done = float('nan'), None, [], 0, torch.tensor(float('nan')), False
     eval_every = max(1, epochs // 30) if fast else 1
     bar = tqdm(total=total, disable=not progress, desc=f"{task} {ft.mode}", leave=False)
@@ -273,8 +275,10 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
                 sl = torch.randperm(ft.cfg.grid[0], generator=gen)[:slices]          # decode a few tubelet slices per step
                 fr = slice_frames(sl, ft.cfg.tubelet)
                 loss = loss_fn(ft(v, sl.to(dev)), m[:, fr.to(dev)], lab.to(dev)[:, fr.to(dev)])
-            else:
-                loss = loss_fn(ft(augment_flip(_float(X[ib].to(dev)), gen)), y)
+            else:                                                               # full: the head sees `keep` of the tokens
+                N = math.prod(ft.cfg.grid); ids = None if keep >= 1 else \
+                    torch.rand(len(b), N, generator=gen).argsort(1)[:, :max(1, round(keep * N))].sort(1).values.to(dev)
+                loss = loss_fn(ft(augment_flip(_float(X[ib].to(dev)), gen), ids_keep=ids), y)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); step += 1
             bar.update(1)
         if (ep + 1) % eval_every == 0 or ep == epochs - 1 or done:
@@ -289,6 +293,16 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
     bar.close()
     ft.load_state_dict(best_state)
     return dict(history=hist, best=best, epochs=ep + 1, steps=step, minutes=(time.time() - t0) / 60)
+
+def _probe_head(ft:Finetuner, feats:Tensor, y:Tensor, task:str, steps:int, weight_decay:float, gen, lr:float=3e-3, bs:int=64):
+    "Train the head alone on pooled frozen features `feats` (4 flips, M, D) for `steps` steps, cosine from `lr`."
+    opt, loss_fn = torch.optim.AdamW(ft.head.parameters(), lr=lr, weight_decay=weight_decay), _loss_fn(task)
+    ft.head.train()
+    for i in range(steps):
+        for g in opt.param_groups: g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
+        b = torch.randint(len(y), (min(bs, len(y)),), generator=gen); k = torch.randint(4, (len(b),), generator=gen)
+        loss = loss_fn(ft.head.from_pooled(feats[k, b.to(feats.device)]), y[b.to(y.device)])
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 
 def _idx(d:dict, split:str) -> np.ndarray:
     return np.flatnonzero(np.asarray(d['split']) == split)
@@ -453,11 +467,12 @@ def save_head(ft:Finetuner, out, info:dict):
         save_file({k: v.detach().cpu().contiguous() for k, v in ft.model.encoder.state_dict().items()}, out/'encoder.safetensors')
     (out/'finetune.json').write_text(json.dumps(dict(info, config=dataclasses.asdict(ft.cfg)), indent=1, default=str))
 
-def run_task(task:str='view', init=None, mode:str='frozen', label_frac:float=1., data=None, labels=None,
+def run_task(task:str='view', init=None, mode:str|None=None, label_frac:float=1., data=None, labels=None,
              max_minutes:float=3., out=None, seed:int=0, n_patients:int|None=None, epochs:int|None=None,
              device:str='cpu', progress:bool=True, figures:bool=True, d:dict|None=None, preset:str='tiny', n_boot:int=1000) -> dict:
     "Fine-tune and score one task; write metrics.json, predictions.csv, head, figures to `out` when given. -> metrics dict."
     if task not in TASKS: raise ValueError(f"--task must be one of {tuple(TASKS)}, got {task!r}")
+    mode = mode or TASKS[task]['mode']                                          # None: the task's own (see TASKS)
     if mode not in MODES: raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     if not 0 < label_frac <= 1: raise ValueError(f"--label_frac must be in (0, 1], got {label_frac}")
     if (data is None) != (labels is None) and task != 'seg': raise ValueError("--data and --labels go together (seg needs only --data)")
@@ -507,11 +522,11 @@ def run_task(task:str='view', init=None, mode:str='frozen', label_frac:float=1.,
 @command
 def finetune(task:str='view',       # view | seg | as | ar | ef
              init:str=None,         # pretrained run folder / checkpoint.pt / encoder.safetensors (default: random encoder)
-             mode:str='frozen',     # linear | frozen (the paper) | full (layer-wise lr decay)
+             mode:str=None,         # linear | frozen | full (layer-wise lr decay); default: the task's own (full: view, as)
              label_frac:float=1.,   # fraction of the training patients to use
              data:str=None,         # folder of your clips (default: the phantom task set)
              labels:str=None,       # CSV path,label or path,ef (not needed for seg)
-             max_minutes:float=None, # training time limit (default: 4 for seg, 3 for the rest)
+             max_minutes:float=None, # training time limit (default: 4 for seg and full mode, 3 for the rest)
              epochs:int=None,       # passes over the training split (default by task)
              out:str=None,          # output folder (default runs/finetune-<task>-<mode>)
              seed:int=0,            # seeds the split, the head and the augmentation
@@ -521,8 +536,10 @@ def finetune(task:str='view',       # view | seg | as | ar | ef
              quiet:bool=False,      # no progress bar
             ):
     "Fine-tune a (pretrained) encoder on a downstream task; writes metrics.json, predictions.csv, the head and figures."
+    if task not in TASKS: raise ValueError(f"--task must be one of {tuple(TASKS)}, got {task!r}")
+    mode = mode or TASKS[task]['mode']
     out = out or f"runs/finetune-{task}-{mode}"
-    max_minutes = max_minutes or (4. if task == 'seg' else 3.)
+    max_minutes = max_minutes or (4. if task == 'seg' or mode == 'full' else 3.)
     if threads or device == 'cpu':                  # two threads on a box with one busy core wait for each other at every op
         from echofm.pretrain import lesson_threads
         torch.set_num_threads(threads or lesson_threads())
@@ -540,6 +557,7 @@ def load_finetuned(run) -> Finetuner:
     run = Path(run)
     if not (run/'finetune.json').exists(): raise EchoDataError(run, "no finetune.json: not a folder written by echofm finetune")
     info = json.loads((run/'finetune.json').read_text())
+    if not info.get('init'): torch.manual_seed(info.get('seed', 0))               # the run's random encoder, as load_model drew it (not saved unless full)
     model = EchoFM(EchoFMConfig(**info['config']))
     if info.get('init') and info['mode'] != 'full':
         try: model = load_model(info['init'], seed=0)
