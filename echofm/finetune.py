@@ -13,6 +13,7 @@ from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .core import EchoDataError, command
 from .synth import synth_echo, simpson_volume, VIEWS, AS_LABELS
+from .masking import random_mask
 from .heads import Finetuner, augment_seg, augment_flip, slice_frames, MODES
 from . import metrics as M
 
@@ -258,7 +259,7 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
         ft.train()
         if ft.mode != 'full': ft.model.eval()
         for b in _batches(len(tr), bs, gen):
-            p = max(step / total, (time.time() - t0) / (60 * max_minutes))     # progress: steps or time, whichever runs out first
+            p = _progress(step, total, (time.time() - t0) / (60 * max_minutes))
             if p >= 1: done = True; break
             f = min(1., p / 0.05) * 0.5 * (1 + math.cos(math.pi * p))           # 5% warm-up, then cosine to 0
             for g in opt.param_groups: g['lr'] = g['base_lr'] * f
@@ -276,8 +277,7 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
                 fr = slice_frames(sl, ft.cfg.tubelet)
                 loss = loss_fn(ft(v, sl.to(dev)), m[:, fr.to(dev)], lab.to(dev)[:, fr.to(dev)])
             else:                                                               # full: the head sees `keep` of the tokens
-                N = math.prod(ft.cfg.grid); ids = None if keep >= 1 else \
-                    torch.rand(len(b), N, generator=gen).argsort(1)[:, :max(1, round(keep * N))].sort(1).values.to(dev)
+                ids = None if keep >= 1 else random_mask(len(b), 1, math.prod(ft.cfg.grid), 1 - keep, gen)[0].to(dev)   # 06_masking
                 loss = loss_fn(ft(augment_flip(_float(X[ib].to(dev)), gen), ids_keep=ids), y)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); step += 1
             bar.update(1)
@@ -303,6 +303,12 @@ def _probe_head(ft:Finetuner, feats:Tensor, y:Tensor, task:str, steps:int, weigh
         b = torch.randint(len(y), (min(bs, len(y)),), generator=gen); k = torch.randint(4, (len(b),), generator=gen)
         loss = loss_fn(ft.head.from_pooled(feats[k, b.to(feats.device)]), y[b.to(y.device)])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+
+def _progress(step:int, total:int, used:float) -> float:
+    """Where the schedule is, in [0, 1]: the step's share of `total`, or the share `used` of the time limit once the steps
+    would not fit in it (then a time-limited run still anneals). A run whose steps fit is a function of its steps alone,
+    so the same seed gives the same weights."""
+    return step / total if step == 0 or used * total / step < 1 else max(step / total, used)
 
 def _idx(d:dict, split:str) -> np.ndarray:
     return np.flatnonzero(np.asarray(d['split']) == split)
