@@ -47,11 +47,12 @@ class PoolHead(nn.Module):
 
 # %% ../nbs/15_heads.ipynb #abf160fb
 class UNETRHead(nn.Module):
-    "UNETR decoder from MONAI blocks: 4 token grids (B, N, D) -> per-frame logits (B, n_classes, T, H, W)."
-    def __init__(self, cfg, n_classes:int=4, feature_size:int=16, kernel=(1, 3, 3), norm:str='batch', pixels:bool=True):
+    "UNETR decoder from MONAI blocks: 4 token grids (B, N, D) + the frames -> per-frame logits (B, n_classes, T, H, W)."
+    def __init__(self, cfg, n_classes:int=4, feature_size:int=16, kernel=(1, 3, 3), norm:str='batch', pixels:bool=True,
+                 full_res:bool=False):
         super().__init__()
         if cfg.patch != 16: raise ValueError(f"UNETRHead up-samples 16x16 patches (4 doublings), got patch {cfg.patch}")
-        self.cfg, self.n_classes = cfg, n_classes
+        self.cfg, self.n_classes, self.full_res = cfg, n_classes, full_res
         D, f, s = cfg.dim, feature_size, (1, 2, 2)
         kw = dict(kernel_size=kernel, upsample_kernel_size=s, norm_name=norm, res_block=True)
         self.skip2 = UnetrPrUpBlock(3, D, f, num_layer=2, stride=1, **kw)          # depth L/4   -> H/2
@@ -60,26 +61,30 @@ class UNETRHead(nn.Module):
         self.up4 = UnetrUpBlock(3, D, 4*f, **kw)                                   # depth L: H/16 -> H/8, + skip4
         self.up3 = UnetrUpBlock(3, 4*f, 2*f, **kw)                                 # -> H/4, + skip3
         self.up2 = UnetrUpBlock(3, 2*f, f, **kw)                                   # -> H/2, + skip2
-        self.pixels = UnetrBasicBlock(3, cfg.in_chans * cfg.tubelet, f, kernel_size=kernel, stride=s, norm_name=norm,
-                                      res_block=True) if pixels else None          # the image, slice frames as channels -> H/2
-        self.up1 = UnetResBlock(3, 2*f, f, kernel_size=kernel, stride=1, norm_name=norm) if pixels else None   # + pixels
-        self.out = UnetOutBlock(3, f, n_classes * cfg.tubelet)                     # K classes x t frames per slice
+        self.pixels, self.up1 = None, None
+        if pixels and full_res:                                                    # each frame at H, as UNETR's first encoder block
+            self.pixels = UnetrBasicBlock(3, cfg.in_chans, f, kernel_size=kernel, stride=1, norm_name=norm, res_block=True)
+            self.up1 = UnetrUpBlock(3, f, f, **kw)                                 # H/2 -> H, + pixels
+        elif pixels:                                                               # each frame at H/2
+            self.pixels = UnetrBasicBlock(3, cfg.in_chans, f, kernel_size=kernel, stride=s, norm_name=norm, res_block=True)
+            self.up1 = UnetResBlock(3, 2*f, f, kernel_size=kernel, stride=1, norm_name=norm)
+        self.out = UnetOutBlock(3, f, n_classes)                                   # K classes per frame
 
     def forward(self, feats:list[Tensor], video:Tensor|None=None, slices:Tensor|None=None) -> Tensor:
         "Token grids of 4 depths (+ the normalised clip (B,C,T,H,W) for the pixel path) -> logits (B, K, T, H, W); only `slices` if given."
-        Tp, Hp, Wp = self.cfg.grid
+        (Tp, Hp, Wp), t = self.cfg.grid, self.cfg.tubelet
         z = [rearrange(f, 'b (t h w) d -> b d t h w', t=Tp, h=Hp, w=Wp) for f in feats]   # 4 x (B, D, T', H', W')
         if slices is not None: z = [g[:, :, slices] for g in z]                    # the decoder never mixes slices
         d = self.up4(z[3], self.skip4(z[2]))                                       # (B, 4f, T', H/8, W/8)
         d = self.up3(d, self.skip3(z[1]))                                          # (B, 2f, T', H/4, W/4)
         d = self.up2(d, self.skip2(z[0]))                                          # (B, f, T', H/2, W/2)
+        d = d.repeat_interleave(t, 2)                                              # (B, f, T, H/2, W/2): a slice's features to each of its t frames
         if self.pixels is not None:
             if video is None: raise ValueError("this UNETRHead has a pixel path: call it with the video too")
-            px = rearrange(video, 'b c (n t) h w -> b (c t) n h w', t=self.cfg.tubelet)  # (B, C t, T', H, W)
-            px = self.pixels(px if slices is None else px[:, :, slices])           # (B, f, T', H/2, W/2)
-            d = self.up1(torch.cat([d, px], 1))                                    # (B, f, T', H/2, W/2)
-        y = rearrange(self.out(d), 'b (k t) n h w -> b k (n t) h w', t=self.cfg.tubelet)    # (B, K, T, H/2, W/2)
-        return F.interpolate(y, scale_factor=(1, 2, 2), mode='trilinear', align_corners=False)  # (B, K, T, H, W)
+            px = self.pixels(video if slices is None else video[:, :, slice_frames(slices, t).to(video.device)])   # (B, f, T, H or H/2, .)
+            d = self.up1(d, px) if self.full_res else self.up1(torch.cat([d, px], 1))  # (B, f, T, H or H/2, .)
+        y = self.out(d)                                                            # (B, K, T, H or H/2, .)
+        return y if y.shape[-1] == self.cfg.img_size else F.interpolate(y, scale_factor=(1, 2, 2), mode='trilinear', align_corners=False)
 
 def slice_frames(slices:Tensor, t:int) -> Tensor:
     "Frame indices of tubelet slices `slices` (t frames each), in order: (2, 0) -> (4, 5, 0, 1) for t=2."
