@@ -20,7 +20,7 @@ __all__ = ['PRESETS', 'EXTRA_FLOPS', 'EchoFMConfig', 'init_vit_', 'vit_blocks', 
 
 # %% ../nbs/07_encoder.ipynb #81e6dc9e
 _CHOICES = dict(pos_embed=('learned', 'sincos', 'sincos_joint'), objective=('two_pass', 'single_pass', 'mae'),
-                mining=('random', 'hard'), mining_space=('embedding', 'pixel', 'pooled'), sim=('l2', 'cosine'),
+                mining=('random', 'hard', 'all'), mining_space=('embedding', 'pixel', 'pooled'), sim=('l2', 'cosine'),
                 positives=('mean', 'nearest'))
 
 @dataclass
@@ -56,7 +56,7 @@ class EchoFMConfig:
     lambda_c: float = 1.0        # weight of L_c
     margin: float = 0.5          # alpha of the triplet loss
     adjacent: int = 1            # slices this close to the anchor are never negatives
-    mining: str = 'random'       # 'random' | 'hard'
+    mining: str = 'random'       # 'random' | 'hard': one triplet per anchor; 'all': every (positive, negative) pair, averaged
     mining_space: str = 'pixel'  # 'pixel' (echofm) | 'pooled' (4x4-pooled, standardised pixels) | 'embedding' (paper: the model's own S)
     positives: str = 'nearest'   # 'nearest' (echofm: the closest slice beyond `adjacent`) | 'mean' (paper: below the row mean)
     sim: str = 'l2'              # 'l2' (paper) | 'cosine'

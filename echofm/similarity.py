@@ -95,7 +95,9 @@ def sample_triplets(S:Tensor, pos:Tensor, neg:Tensor, mode:str='random', generat
 # %% ../nbs/10_similarity.ipynb #31cdea45
 def triplet_loss(z:Tensor, pos:Tensor, neg:Tensor, margin:float=0.5, mode:str='random', generator=None,
                  sim:str='l2', S:Tensor|None=None) -> tuple[Tensor, dict]:
-    "Hinge triplet loss (Eq. 3) over slice embeddings `z` (B,T,D), one sampled triplet per valid anchor; (loss, stats)."
+    """Hinge triplet loss (Eq. 3) over slice embeddings `z` (B,T,D): one sampled triplet per valid anchor (`mode` 'random' | 'hard'),
+    or ('all') every (positive, negative) pair of the anchor, averaged; (loss, stats)."""
+    if mode == 'all': return _all_triplets(z, pos, neg, margin, sim)
     if S is None:
         with torch.no_grad(): S = self_similarity(z, sim)
     p_idx, n_idx, valid = sample_triplets(S, pos, neg, mode, generator)  # (B,T) each
@@ -104,4 +106,17 @@ def triplet_loss(z:Tensor, pos:Tensor, neg:Tensor, margin:float=0.5, mode:str='r
     n = w.sum().clamp_min(1)
     loss = (F.relu(d_pos - d_neg + margin) * w).sum() / n               # 0 with a graph if nothing is valid
     stats = dict(valid_frac=w.mean(), d_pos=(d_pos * w).sum().detach() / n, d_neg=(d_neg * w).sum().detach() / n)
+    return loss, stats
+
+def _all_triplets(z:Tensor, pos:Tensor, neg:Tensor, margin:float, sim:str) -> tuple[Tensor, dict]:
+    "`triplet_loss` with every (positive, negative) pair of each anchor: the mean hinge per anchor, then the mean over valid anchors."
+    D = self_similarity(z, sim)                                         # (B,T,T), with gradient
+    pair = pos[..., :, None] & neg[..., None, :]                       # (B,T,T+,T-): the anchor's triplets
+    h = F.relu(D[..., :, None] - D[..., None, :] + margin) * pair
+    k = pair.sum((-2, -1))                                             # (B,T) triplets per anchor
+    w = (k > 0).to(z.dtype)
+    n = w.sum().clamp_min(1)
+    loss = (h.sum((-2, -1)) / k.clamp_min(1) * w).sum() / n
+    mean_over = lambda m: (D.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)   # (B,T) mean distance over a mask's slices
+    stats = dict(valid_frac=w.mean(), d_pos=(mean_over(pos) * w).sum() / n, d_neg=(mean_over(neg) * w).sum() / n)
     return loss, stats
