@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .core import EchoDataError, command
 from .synth import synth_echo, simpson_volume, VIEWS, AS_LABELS
 from .masking import random_mask
-from .heads import Finetuner, augment_seg, augment_flip, slice_frames, MODES
+from .heads import Finetuner, PixelPoolHead, augment_seg, augment_flip, slice_frames, MODES
 from . import metrics as M
 
 # %% auto #0
@@ -23,11 +23,11 @@ __all__ = ['TASKS', 'LOWER_IS_BETTER', 'PATIENTS', 'STRUCTURES', 'as_group', 'ar
            'machine', 'save_head', 'run_task', 'finetune', 'load_finetuned', 'evaluate', 'label_efficiency']
 
 # %% ../nbs/17_finetune.ipynb #e718d748
-TASKS = {   # kind, classes (None: regression), the metric the progress bar and model selection follow, the default mode
+TASKS = {   # kind, classes (None: regression), the metric the progress bar and model selection follow, the default mode, the cls head
     'view': dict(kind='cls', classes=VIEWS, metric='accuracy', mode='full'),
     'seg':  dict(kind='seg', classes=('background', 'lv_endo', 'lv_myo', 'la'), metric='dice_mean', mode='frozen'),
     'as':   dict(kind='cls', classes=('none', 'early', 'significant'), metric='auroc_absent_vs_present', mode='full'),
-    'ar':   dict(kind='cls', classes=('non-severe', 'severe'), metric='f1', mode='frozen'),
+    'ar':   dict(kind='cls', classes=('non-severe', 'severe'), metric='f1', mode='frozen', head='pixels'),   # PixelPoolHead
     'ef':   dict(kind='reg', classes=None, metric='mae', mode='frozen'),
 }
 LOWER_IS_BETTER = ('mae', 'hd95', 'assd')
@@ -180,6 +180,11 @@ def folder_task(task:str, data, labels=None, n_frames:int=16, size:int=112, seed
 # %% ../nbs/17_finetune.ipynb #055734e9
 def _float(x:Tensor) -> Tensor: return x.permute(0, 4, 1, 2, 3).float().div_(255)   # uint8 (B,T,H,W,3) -> (B,3,T,H,W)
 
+def _flip(v:Tensor, k:Tensor) -> Tensor:
+    "Clips `v` (B,C,T,H,W), each flipped as `pooled_features` orders the flips: k (B,) 0 none, 1 h, 2 v, 3 hv."
+    v = torch.where(((k == 1) | (k == 3))[:, None, None, None, None], v.flip(-1), v)
+    return torch.where((k >= 2)[:, None, None, None, None], v.flip(-2), v)
+
 def _batches(n:int, bs:int, gen:torch.Generator, shuffle:bool=True):
     idx = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     return [idx[i:i + bs] for i in range(0, n, bs) if len(idx[i:i + bs]) > (1 if shuffle else 0)]   # no batch of 1 (BatchNorm)
@@ -243,8 +248,11 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
         with torch.no_grad(): ft.head.fc.bias.fill_(float(Y[tr].mean()) / 10)
     fast = kind != 'seg' and ft.mode != 'full'                                  # pooled features + flips, precomputed
     if fast: feats, fval = pooled_features(ft, X[tr].to(dev)).to(dev), pooled_features(ft, X[va].to(dev), flips=False)[0].to(dev)
+    pix = isinstance(ft.head, PixelPoolHead)                                    # the head also sees the (flipped) clip
+    clips = lambda i, k=None: (lambda v: ft.model.normalize(v if k is None else _flip(v, k.to(dev))))(_float(X[i].to(dev)))
     if kind != 'seg' and ft.mode == 'full' and probe_first:                     # LP-FT: the head first learns on the frozen
-        _probe_head(ft, pooled_features(ft, X[tr].to(dev)).to(dev), Y[tr].to(dev), task, probe_first, weight_decay, gen)   # encoder
+        _probe_head(ft, pooled_features(ft, X[tr].to(dev)).to(dev), Y[tr].to(dev), task, probe_first, weight_decay, gen,   # encoder
+                    clips=(lambda b, k: clips(tr[b.numpy()], k)) if pix else None)
     bs = batch_size or (64 if fast else 4 if kind == 'seg' else 8)
     lr = lr or (3e-3 if fast else 1e-3)
     epochs = epochs or (300 if fast else 200)
@@ -267,7 +275,7 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
             y = Y[ib].to(dev)
             if fast:
                 k = torch.randint(4, (len(b),), generator=gen)
-                out = ft.head.from_pooled(feats[k, b.to(dev)])
+                out = ft.head.from_pooled(feats[k, b.to(dev)], *([clips(ib, k)] if pix else []))
                 loss = loss_fn(out, y)
             elif kind == 'seg':
                 m = torch.from_numpy(d['masks'][ib.numpy()]).to(dev)
@@ -282,7 +290,10 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); step += 1
             bar.update(1)
         if (ep + 1) % eval_every == 0 or ep == epochs - 1 or done:
-            if fast: ft.eval(); pv = ft.head.from_pooled(fval).detach().cpu(); pv = pv[:, 0] if pv.shape[1] == 1 else pv
+            if fast:
+                ft.eval()
+                with torch.no_grad(): pv = torch.cat([ft.head.from_pooled(fval[j:j + 16], *([clips(va[j:j + 16])] if pix else [])).cpu() for j in range(0, len(va), 16)])
+                pv = pv[:, 0] if pv.shape[1] == 1 else pv
             else: pv = predict(ft, X[va].to(dev)).cpu()
             val = score(task, d, pv, va, ci=False)[metric]['value'] if len(va) else float('nan')
             hist.append(dict(epoch=ep + 1, step=step, loss=loss.item(), **{f'val_{metric}': val}))
@@ -294,14 +305,14 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
     ft.load_state_dict(best_state)
     return dict(history=hist, best=best, epochs=ep + 1, steps=step, minutes=(time.time() - t0) / 60)
 
-def _probe_head(ft:Finetuner, feats:Tensor, y:Tensor, task:str, steps:int, weight_decay:float, gen, lr:float=3e-3, bs:int=64):
-    "Train the head alone on pooled frozen features `feats` (4 flips, M, D) for `steps` steps, cosine from `lr`."
+def _probe_head(ft:Finetuner, feats:Tensor, y:Tensor, task:str, steps:int, weight_decay:float, gen, lr:float=3e-3, bs:int=64, clips=None):
+    "Train the head alone on pooled frozen features `feats` (4 flips, M, D) for `steps` steps, cosine from `lr`; `clips(b, k)`: a pixel head's clips."
     opt, loss_fn = torch.optim.AdamW(ft.head.parameters(), lr=lr, weight_decay=weight_decay), _loss_fn(task)
     ft.head.train()
     for i in range(steps):
         for g in opt.param_groups: g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
         b = torch.randint(len(y), (min(bs, len(y)),), generator=gen); k = torch.randint(4, (len(b),), generator=gen)
-        loss = loss_fn(ft.head.from_pooled(feats[k, b.to(feats.device)]), y[b.to(y.device)])
+        loss = loss_fn(ft.head.from_pooled(feats[k, b.to(feats.device)], *([clips(b, k)] if clips else [])), y[b.to(y.device)])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 
 def _progress(step:int, total:int, used:float) -> float:
@@ -504,7 +515,7 @@ def run_task(task:str='view', init=None, mode:str|None=None, label_frac:float=1.
         have = set(np.asarray(d['y'])[tr].tolist())
         if miss := [c for k, c in enumerate(TASKS[task]['classes']) if k not in have]:
             raise EchoDataError(labels or src, f"class {miss[0]!r} has no clip in the training split ({len(tr)} clips)")
-    ft = Finetuner(model, TASKS[task]['kind'] if TASKS[task]['kind'] != 'reg' else 'cls', n_out(task), mode)
+    ft = Finetuner(model, TASKS[task]['kind'] if TASKS[task]['kind'] != 'reg' else 'cls', n_out(task), mode, pixels=TASKS[task].get('head') == 'pixels')
     h = fit(ft, d, task, epochs=epochs, max_minutes=max_minutes, seed=seed, device=device, progress=progress)
     te = _idx(d, 'test')
     pred = predict(ft, torch.from_numpy(d['x'][te]).to(device)).cpu()
@@ -514,7 +525,7 @@ def run_task(task:str='view', init=None, mode:str|None=None, label_frac:float=1.
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         (out/'metrics.json').write_text(json.dumps(res, indent=1))
         _write_preds(out/'predictions.csv', task, d, te, pred)
-        save_head(ft, out, dict(task=task, mode=mode, init=res['init'], preset=preset, label_frac=label_frac, seed=seed,
+        save_head(ft, out, dict(task=task, mode=mode, init=res['init'], preset=preset, label_frac=label_frac, seed=seed, head=type(ft.head).__name__,
                                  n_patients=n_patients if data is None else None))
         with open(out/'history.csv', 'w', newline='') as f:
             w = csv.DictWriter(f, fieldnames=list(h['history'][0])); w.writeheader(); w.writerows(h['history'])
@@ -570,7 +581,7 @@ def load_finetuned(run) -> Finetuner:
         except EchoDataError as e: raise EchoDataError(run, f"its encoder came from {info['init']}, which is gone ({e.reason})")
     if (run/'encoder.safetensors').exists(): model.encoder.load_state_dict(load_file(run/'encoder.safetensors'))
     task = info['task']
-    ft = Finetuner(model, 'seg' if task == 'seg' else 'cls', n_out(task), info['mode'])
+    ft = Finetuner(model, 'seg' if task == 'seg' else 'cls', n_out(task), info['mode'], pixels=info.get('head') == 'PixelPoolHead')
     ft.head.load_state_dict(load_file(run/'head.safetensors')); ft.task = task
     return ft.eval()
 

@@ -12,8 +12,8 @@ from einops import rearrange
 from monai.networks.blocks import UnetrPrUpBlock, UnetrUpBlock, UnetrBasicBlock, UnetResBlock, UnetOutBlock
 
 # %% auto #0
-__all__ = ['MODES', 'feature_depths', 'encoder_features', 'PoolHead', 'UNETRHead', 'slice_frames', 'LinearSegHead', 'layer_id',
-           'Finetuner', 'affine_theta', 'augment_seg', 'augment_flip']
+__all__ = ['MODES', 'feature_depths', 'encoder_features', 'PoolHead', 'PixelPoolHead', 'UNETRHead', 'slice_frames',
+           'LinearSegHead', 'layer_id', 'Finetuner', 'affine_theta', 'augment_seg', 'augment_flip']
 
 # %% ../nbs/15_heads.ipynb #99c10d98
 def feature_depths(depth:int, n:int=4) -> tuple:
@@ -44,6 +44,21 @@ class PoolHead(nn.Module):
         return self.fc(self.norm(pooled))
     def forward(self, tokens:Tensor) -> Tensor:
         return self.from_pooled(tokens.mean(1))                                 # (B, N, D) -> (B, D) -> (B, n_out)
+
+# %% ../nbs/15_heads.ipynb #m1pix001
+class PixelPoolHead(PoolHead):
+    "PoolHead whose linear layer also sees the clip: a per-frame conv stem, mean- and max-pooled -> (B, n_out)."
+    def __init__(self, dim:int, n_out:int, in_chans:int=3, width:int=32, patch:int=8):
+        super().__init__(dim + 2 * width, n_out)
+        self.stem = nn.Sequential(nn.Conv3d(in_chans, width, (1, patch, patch), (1, patch, patch)), nn.GELU(),   # each frame: 8x8 patches
+                                  nn.Conv3d(width, width, (1, 3, 3), padding=(0, 1, 1)), nn.GELU())
+    def from_pooled(self, pooled:Tensor, video:Tensor) -> Tensor:
+        "Pooled tokens (B, D) + the normalised clip (B, C, T, H, W) -> (B, n_out)."
+        s = self.stem(video)                                                     # (B, w, T, H/8, W/8)
+        return super().from_pooled(torch.cat([pooled, s.mean((2, 3, 4)), s.amax((2, 3, 4))], 1))   # (B, D + 2w) -> (B, n_out)
+    def forward(self, tokens:Tensor, video:Tensor) -> Tensor:
+        return self.from_pooled(tokens.mean(1), video)
+
 
 # %% ../nbs/15_heads.ipynb #abf160fb
 class UNETRHead(nn.Module):
@@ -111,8 +126,8 @@ def layer_id(name:str, depth:int) -> int:
     return depth + 1 if name.startswith('norm') else 0
 
 class Finetuner(nn.Module):
-    "Encoder of an `EchoFM` + a head; `kind` 'cls' (PoolHead, n_out outputs) or 'seg' (UNETR / linear probe); `mode` linear|frozen|full."
-    def __init__(self, model, kind:str='cls', n_out:int=4, mode:str='frozen', **head_kw):
+    "Encoder of an `EchoFM` + a head; `kind` 'cls' (PoolHead, or PixelPoolHead with `pixels`; n_out outputs) or 'seg' (UNETR / linear probe); `mode` linear|frozen|full."
+    def __init__(self, model, kind:str='cls', n_out:int=4, mode:str='frozen', pixels:bool=False, **head_kw):
         super().__init__()
         if mode not in MODES: raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if kind not in ('cls', 'seg'): raise ValueError(f"kind must be 'cls' or 'seg', got {kind!r}")
@@ -120,7 +135,7 @@ class Finetuner(nn.Module):
         self.model = model                                                      # its encoder and normalisation are used
         for m in (model.decoder, model.projector): m.requires_grad_(False)     # pretraining parts, unused here
         model.encoder.requires_grad_(mode == 'full')
-        if kind == 'cls': self.head = PoolHead(model.cfg.dim, n_out)
+        if kind == 'cls': self.head = PixelPoolHead(model.cfg.dim, n_out) if pixels and mode != 'linear' else PoolHead(model.cfg.dim, n_out)
         else: self.head = LinearSegHead(model.cfg, n_out) if mode == 'linear' else UNETRHead(model.cfg, n_out, **head_kw)
 
     def features(self, video:Tensor, ids_keep:Tensor|None=None) -> list[Tensor]:
@@ -135,7 +150,7 @@ class Finetuner(nn.Module):
         `ids_keep` (B, n): the pooled head sees only these tokens (token dropping while fine-tuning: fewer tokens, faster steps)."""
         if ids_keep is not None and self.kind != 'cls': raise ValueError("ids_keep (token dropping) is for the pooled head only")
         f = self.features(video, ids_keep)
-        if self.kind == 'cls': return self.head(f[-1])
+        if self.kind == 'cls': return self.head(f[-1], self.model.normalize(video)) if isinstance(self.head, PixelPoolHead) else self.head(f[-1])
         if isinstance(self.head, UNETRHead): return self.head(f, self.model.normalize(video), slices)
         y = self.head(f)
         return y if slices is None else y[:, :, slice_frames(slices, self.cfg.tubelet)]
