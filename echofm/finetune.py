@@ -574,6 +574,8 @@ def load_finetuned(run) -> Finetuner:
     run = Path(run)
     if not (run/'finetune.json').exists(): raise EchoDataError(run, "no finetune.json: not a folder written by echofm finetune")
     info = json.loads((run/'finetune.json').read_text())
+    if unknown := sorted(set(info['config']) - {f.name for f in dataclasses.fields(EchoFMConfig)}):   # another echofm version's run
+        raise EchoDataError(run, f"its config has settings this echofm does not know: {unknown}")
     if not info.get('init'): torch.manual_seed(info.get('seed', 0))               # the run's random encoder, as load_model drew it (not saved unless full)
     model = EchoFM(EchoFMConfig(**info['config']))
     if info.get('init') and info['mode'] != 'full':
