@@ -41,7 +41,7 @@ def ar_severe(grade:float) -> int:
     return int(grade > 2.5)
 
 # %% ../nbs/17_finetune.ipynb #84b52eb1
-PATIENTS = dict(view=60, seg=60, **{'as': 150}, ar=150, ef=150)    # default phantom patients per task
+PATIENTS = dict(view=60, seg=60, **{'as': 300}, ar=150, ef=150)    # default phantom patients per task
 
 def _split(patients, seed:int=0, frac=(0.6, 0.2, 0.2)) -> dict:
     "patient id -> 'train'|'val'|'test', a seeded shuffle of the unique ids cut at `frac`."
