@@ -11,7 +11,7 @@ import torch, torch.nn as nn
 
 # %% auto #0
 __all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'fit_weights', 'export_encoder', 'load_encoder',
-           'load_model']
+           'config_from', 'load_model']
 
 # %% ../nbs/12a_checkpoint.ipynb #68bb14e3
 def rng_state() -> dict:
@@ -76,6 +76,14 @@ def load_encoder(model, path) -> nn.Module:
     return model
 
 # %% ../nbs/12a_checkpoint.ipynb #f1a2b3c2
+def config_from(cfg:dict, where):
+    "The `EchoFMConfig` a saved config dict describes; one clear error naming `where` if it has settings this echofm does not know."
+    from echofm.core import EchoDataError
+    from echofm.model import EchoFMConfig
+    if unknown := sorted(set(cfg) - {f.name for f in dataclasses.fields(EchoFMConfig)}):    # another echofm version's file
+        raise EchoDataError(where, f"its config has settings this echofm does not know: {unknown}")
+    return EchoFMConfig(**cfg)
+
 def load_model(path, map_location='cpu', cls=None) -> nn.Module:
     "An `EchoFM` (or `cls`) with every weight that a run folder, `checkpoint.pt` or `encoder.safetensors` + `config.json` holds."
     from echofm.core import EchoDataError
@@ -91,8 +99,6 @@ def load_model(path, map_location='cpu', cls=None) -> nn.Module:
         ck = load_checkpoint(p, map_location)
         if not ck.get('config') or 'model' not in ck: raise EchoDataError(p, "not an echofm checkpoint (no config or model in it)")
         cfg, sd = ck['config'], ck['model']
-    names = {f.name for f in dataclasses.fields(EchoFMConfig)}
-    if set(cfg) - names: raise EchoDataError(p, f"its config has settings this echofm does not know: {sorted(set(cfg) - names)}")
-    model = (cls or EchoFM)(EchoFMConfig(**cfg))
+    model = (cls or EchoFM)(config_from(cfg, p))
     fit_weights(model, sd, p)
     return model.to(map_location)

@@ -249,7 +249,9 @@ def fit(ft:Finetuner, d:dict, task:str, *, epochs:int|None=None, max_minutes:flo
     fast = kind != 'seg' and ft.mode != 'full'                                  # pooled features + flips, precomputed
     if fast: feats, fval = pooled_features(ft, X[tr].to(dev)).to(dev), pooled_features(ft, X[va].to(dev), flips=False)[0].to(dev)
     pix = isinstance(ft.head, PixelPoolHead)                                    # the head also sees the (flipped) clip
-    clips = lambda i, k=None: (lambda v: ft.model.normalize(v if k is None else _flip(v, k.to(dev))))(_float(X[i].to(dev)))
+    def clips(i, k=None):                                                       # the normalised clips of rows i, flipped by k
+        v = _float(X[i].to(dev))
+        return ft.model.normalize(v if k is None else _flip(v, k.to(dev)))
     if kind != 'seg' and ft.mode == 'full' and probe_first:                     # LP-FT: the head first learns on the frozen
         _probe_head(ft, pooled_features(ft, X[tr].to(dev)).to(dev), Y[tr].to(dev), task, probe_first, weight_decay, gen,   # encoder
                     clips=(lambda b, k: clips(tr[b.numpy()], k)) if pix else None)
@@ -570,14 +572,14 @@ def finetune(task:str='view',       # view | seg | as | ar | ef
 def load_finetuned(run) -> Finetuner:
     "The `Finetuner` saved by `echofm finetune` in folder `run`."
     from safetensors.torch import load_file
-    from echofm.model import EchoFM, EchoFMConfig
+    from echofm.model import EchoFM
+    from echofm.checkpoint import config_from
     run = Path(run)
     if not (run/'finetune.json').exists(): raise EchoDataError(run, "no finetune.json: not a folder written by echofm finetune")
     info = json.loads((run/'finetune.json').read_text())
-    if unknown := sorted(set(info['config']) - {f.name for f in dataclasses.fields(EchoFMConfig)}):   # another echofm version's run
-        raise EchoDataError(run, f"its config has settings this echofm does not know: {unknown}")
+    cfg = config_from(info['config'], run)                                      # another echofm version's run: one clear error
     if not info.get('init'): torch.manual_seed(info.get('seed', 0))               # the run's random encoder, as load_model drew it (not saved unless full)
-    model = EchoFM(EchoFMConfig(**info['config']))
+    model = EchoFM(cfg)
     if info.get('init') and info['mode'] != 'full':
         try: model = load_model(info['init'], seed=0)
         except EchoDataError as e: raise EchoDataError(run, f"its encoder came from {info['init']}, which is gone ({e.reason})")

@@ -99,7 +99,7 @@ class UNETRHead(nn.Module):
             px = self.pixels(video if slices is None else video[:, :, slice_frames(slices, t).to(video.device)])   # (B, f, T, H or H/2, .)
             d = self.up1(d, px) if self.full_res else self.up1(torch.cat([d, px], 1))  # (B, f, T, H or H/2, .)
         y = self.out(d)                                                            # (B, K, T, H or H/2, .)
-        return y if y.shape[-1] == self.cfg.img_size else F.interpolate(y, scale_factor=(1, 2, 2), mode='trilinear', align_corners=False)
+        return y if self.full_res else F.interpolate(y, scale_factor=(1, 2, 2), mode='trilinear', align_corners=False)
 
 def slice_frames(slices:Tensor, t:int) -> Tensor:
     "Frame indices of tubelet slices `slices` (t frames each), in order: (2, 0) -> (4, 5, 0, 1) for t=2."
