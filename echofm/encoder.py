@@ -21,7 +21,7 @@ __all__ = ['PRESETS', 'EXTRA_FLOPS', 'EchoFMConfig', 'init_vit_', 'vit_blocks', 
 # %% ../nbs/07_encoder.ipynb #81e6dc9e
 _CHOICES = dict(pos_embed=('learned', 'sincos', 'sincos_joint'), objective=('two_pass', 'single_pass', 'mae'),
                 mining=('random', 'hard', 'all'), mining_space=('embedding', 'pixel', 'pooled'), sim=('l2', 'cosine'),
-                positives=('mean', 'nearest'))
+                positives=('mean', 'nearest'), negatives=('rest', 'above_mean'))
 
 @dataclass
 class EchoFMConfig:
@@ -59,6 +59,7 @@ class EchoFMConfig:
     mining: str = 'random'       # 'random' | 'hard': one triplet per anchor; 'all': every (positive, negative) pair, averaged
     mining_space: str = 'pixel'  # 'pixel' (echofm) | 'pooled' (4x4-pooled, standardised pixels) | 'embedding' (paper: the model's own S)
     positives: str = 'nearest'   # 'nearest' (echofm: the closest slice beyond `adjacent`) | 'mean' (paper: below the row mean)
+    negatives: str = 'rest'      # with 'nearest': 'rest' (every other slice beyond `adjacent`) | 'above_mean' (paper's: above the row mean)
     sim: str = 'l2'              # 'l2' (paper) | 'cosine'
     slice_norm: bool = True      # L2-normalise z_cls, distances in [0, 2] (echofm); False: raw (paper)
     drift_px: float = 0.         # breathing in training (echofm.model.breathe): drift up to this many pixels, after mining

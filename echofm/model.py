@@ -121,7 +121,7 @@ def forward(self:EchoFM, video:Tensor, generator=None) -> dict:
     else:
         S = self.mining_similarity(x_mine, z)                                   # pass 1 (uniform), no gradient
         z_cls = self.slice_embed(z_tube)                                        # pass 2 (tube): (B, T', D)
-    pos, neg = triplet_masks(S, c.adjacent, rule=c.positives)                  # (B, T', T') bool
+    pos, neg = triplet_masks(S, c.adjacent, rule=c.positives, negatives=c.negatives)   # (B, T', T') bool
     loss_con, st = triplet_loss(z_cls, pos, neg, c.margin, c.mining, generator, c.sim, S=S)   # Eq. 3
     spread = self_similarity(z_cls.detach(), c.sim).sum((-2, -1)).mean() / (c.n_slices * (c.n_slices - 1))   # mean S_ij, i != j
     return dict(loss=loss_rec + c.lambda_c * loss_con, loss_rec=loss_rec, loss_con=loss_con, **st, spread=spread)

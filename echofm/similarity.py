@@ -31,10 +31,12 @@ def pair_dist(a:Tensor, b:Tensor, sim:str='l2') -> Tensor:
     return 1 - F.cosine_similarity(a, b, dim=-1)
 
 # %% ../nbs/10_similarity.ipynb #bbd8a45a
-def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5, rule:str='mean') -> tuple[Tensor, Tensor]:
+def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5, rule:str='mean',
+                  negatives:str='rest') -> tuple[Tensor, Tensor]:
     """Positive and negative masks (B,T,T) bool for every anchor row of the distances `S` (B,T,T). `rule` 'mean' (the paper):
     positives below the row mean, negatives above it and beyond `adjacent`; 'nearest': the one closest slice beyond `adjacent`
-    is the positive, every other slice beyond `adjacent` a negative."""
+    is the positive, and the negatives are every other slice beyond `adjacent` (`negatives='rest'`) or only those above the
+    row mean (`negatives='above_mean'`, the paper's negatives: look-alike phases are neither)."""
     T = S.shape[-1]
     i = torch.arange(T, device=S.device)
     gap = (i[:, None] - i[None, :]).abs()                              # (T,T) |i - j|
@@ -45,7 +47,10 @@ def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5, rule:str='mean') ->
         v, j = d.min(-1, keepdim=True)                                 # (B,T,1) the closest slice not next to the anchor
         one = (d <= v + band).sum(-1, keepdim=True) == 1               # a tie for the closest: no triplet for this anchor
         pos = torch.zeros_like(far).scatter_(-1, j, True) & far & one
-        return pos, far & ~pos & one
+        neg = far & ~pos & one
+        if negatives == 'above_mean': neg &= S > S.mean(-1, keepdim=True) + band
+        elif negatives != 'rest': raise ValueError(f"negatives must be 'rest' or 'above_mean', got {negatives!r}")
+        return pos, neg
     if rule != 'mean': raise ValueError(f"rule must be 'mean' or 'nearest', got {rule!r}")
     thres = S.mean(-1, keepdim=True)                                   # (B,T,1), diagonal included
     pos = (S < thres - band) & (gap > 0)
