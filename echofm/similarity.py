@@ -37,25 +37,22 @@ def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5, rule:str='mean',
     positives below the row mean, negatives above it and beyond `adjacent`; 'nearest': the one closest slice beyond `adjacent`
     is the positive, and the negatives are every other slice beyond `adjacent` (`negatives='rest'`) or only those above the
     row mean (`negatives='above_mean'`, the paper's negatives: look-alike phases are neither)."""
+    if rule not in ('mean', 'nearest'): raise ValueError(f"rule must be 'mean' or 'nearest', got {rule!r}")
+    if negatives not in ('rest', 'above_mean'): raise ValueError(f"negatives must be 'rest' or 'above_mean', got {negatives!r}")
     T = S.shape[-1]
     i = torch.arange(T, device=S.device)
     gap = (i[:, None] - i[None, :]).abs()                              # (T,T) |i - j|
     band = rtol * S.abs().amax(-1, keepdim=True)                       # ties: values within `band` are equal
-    if rule == 'nearest':
-        far = (gap > adjacent).expand_as(S)
-        d = S.masked_fill(~far, torch.inf)
-        v, j = d.min(-1, keepdim=True)                                 # (B,T,1) the closest slice not next to the anchor
-        one = (d <= v + band).sum(-1, keepdim=True) == 1               # a tie for the closest: no triplet for this anchor
-        pos = torch.zeros_like(far).scatter_(-1, j, True) & far & one
-        neg = far & ~pos & one
-        if negatives == 'above_mean': neg &= S > S.mean(-1, keepdim=True) + band
-        elif negatives != 'rest': raise ValueError(f"negatives must be 'rest' or 'above_mean', got {negatives!r}")
-        return pos, neg
-    if rule != 'mean': raise ValueError(f"rule must be 'mean' or 'nearest', got {rule!r}")
-    thres = S.mean(-1, keepdim=True)                                   # (B,T,1), diagonal included
-    pos = (S < thres - band) & (gap > 0)
-    neg = (S > thres + band) & (gap > adjacent)
-    return pos, neg
+    thres = S.mean(-1, keepdim=True)                                   # (B,T,1) the row mean, diagonal included
+    above = S > thres + band                                           # farther than the mean: the paper's negatives
+    if rule == 'mean': return (S < thres - band) & (gap > 0), above & (gap > adjacent)
+    far = (gap > adjacent).expand_as(S)
+    d = S.masked_fill(~far, torch.inf)
+    v, j = d.min(-1, keepdim=True)                                     # (B,T,1) the closest slice not next to the anchor
+    one = (d <= v + band).sum(-1, keepdim=True) == 1                   # a tie for the closest: no triplet for this anchor
+    pos = torch.zeros_like(far).scatter_(-1, j, True) & far & one
+    neg = far & ~pos & one
+    return pos, neg & above if negatives == 'above_mean' else neg
 
 # %% ../nbs/10_similarity.ipynb #0d8bc018
 def _toy_periodic(B:int=1, T:int=24, period:float=8., D:int=16, noise:float=0.05, generator=None) -> Tensor:
