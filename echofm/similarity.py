@@ -52,7 +52,7 @@ def triplet_masks(S:Tensor, adjacent:int=1, rtol:float=1e-5, rule:str='mean',
     one = (d <= v + band).sum(-1, keepdim=True) == 1                   # a tie for the closest: no triplet for this anchor
     pos = torch.zeros_like(far).scatter_(-1, j, True) & far & one
     neg = far & ~pos & one
-    return pos, neg & above if negatives == 'above_mean' else neg
+    return pos, (neg & above if negatives == 'above_mean' else neg)
 
 # %% ../nbs/10_similarity.ipynb #0d8bc018
 def _toy_periodic(B:int=1, T:int=24, period:float=8., D:int=16, noise:float=0.05, generator=None) -> Tensor:
