@@ -190,7 +190,7 @@ def _batches(n:int, bs:int, gen:torch.Generator, shuffle:bool=True):
     return [idx[i:i + bs] for i in range(0, n, bs) if len(idx[i:i + bs]) > (1 if shuffle else 0)]   # no batch of 1 (BatchNorm)
 
 @torch.no_grad()
-def predict(ft:Finetuner, x:Tensor, bs:int=8, flips:bool=False) -> Tensor:
+def predict(ft:Finetuner, x:Tensor, bs:int=8) -> Tensor:
     "Head outputs for uint8 clips `x` (M,T,H,W,3): logits (M,K), values (M,) or label maps (M,T,H,W) uint8."
     ft.eval(); out = []
     dev = next(ft.parameters()).device
